@@ -1,0 +1,21 @@
+// Which CPU vector ISA the CPU kernels use. Detected once at run time (so one build runs on any x86-64
+// machine); FASTVQ_CPU_ISA=scalar|avx2|avx512 or set_cpu_isa() forces a lower one (tests use this to
+// exercise every path on one machine). Torch-free.
+#pragma once
+
+#include <string>
+
+namespace fastvq {
+
+enum class CpuIsa : int { kScalar = 0, kAVX2 = 1, kAVX512 = 2 };
+
+const char* cpu_isa_name(CpuIsa isa);
+// The best ISA both compiled in and supported by this CPU.
+CpuIsa cpu_isa_supported();
+// The ISA kernels use now: FASTVQ_CPU_ISA if set at first use, else cpu_isa_supported().
+CpuIsa cpu_isa_active();
+// Force an ISA by name ("scalar", "avx2", "avx512", or "auto"); throws std::invalid_argument for an
+// unknown name or one this machine cannot run. Returns the previous name.
+std::string set_cpu_isa(const std::string& name);
+
+}  // namespace fastvq

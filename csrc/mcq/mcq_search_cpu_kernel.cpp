@@ -1,0 +1,200 @@
+// Torch-free CPU cores of mcq_search and mcq_gather. The search algorithm (mcq_search_cpu_kernel.inc) is
+// compiled once per ISA, each copy in its own namespace under `#pragma GCC target`, and picked at run
+// time by cpu_isa_active(): one binary, the best code path the running CPU supports.
+#include "mcq/mcq_search_cpu_kernel.h"
+
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace fastvq {
+
+// ---- portable fallback: plain C++ over 8-lane arrays (auto-vectorised by the compiler) -------------
+namespace mcq_scalar {
+
+struct Vec {
+  static constexpr int L = 8;
+  struct F {
+    float v[L];
+  };
+  struct I {
+    int32_t v[L];
+  };
+  static F load(const float* p) {
+    F r;
+    for (int l = 0; l < L; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static void store(float* p, const F& a) {
+    for (int l = 0; l < L; ++l) p[l] = a.v[l];
+  }
+  static I loadi(const int32_t* p) {
+    I r;
+    for (int l = 0; l < L; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static void storei(int32_t* p, const I& a) {
+    for (int l = 0; l < L; ++l) p[l] = a.v[l];
+  }
+  static F set1(float x) {
+    F r;
+    for (int l = 0; l < L; ++l) r.v[l] = x;
+    return r;
+  }
+  static F fma(const F& a, const F& b, const F& c) {
+    F r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
+    return r;
+  }
+  // a where a > b, else b: a NaN `a` never replaces b.
+  static F max_keep(const F& a, const F& b) {
+    F r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l];
+    return r;
+  }
+  // Lanes where cand > best remember tile t; best becomes cand (cand >= best by construction).
+  static void update(F& best, I& tile, const F& cand, int32_t t) {
+    for (int l = 0; l < L; ++l) {
+      if (cand.v[l] > best.v[l]) tile.v[l] = t;
+      best.v[l] = cand.v[l];
+    }
+  }
+};
+constexpr int kR = 2;
+constexpr int kP = 2;
+
+#include "mcq/mcq_search_cpu_kernel.inc"
+
+}  // namespace mcq_scalar
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTVQ_HAVE_X86_PATHS 1
+
+// ---- AVX2 + FMA: 8 lanes, 2 rows x 4 vectors (16 ymm registers) ---------------------------------------
+namespace mcq_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+struct Vec {
+  static constexpr int L = 8;
+  using F = __m256;
+  using I = __m256i;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void storei(int32_t* p, I a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F max_keep(F a, F b) { return _mm256_max_ps(a, b); }  // (a > b) ? a : b, NaN a -> b
+  static void update(F& best, I& tile, F cand, int32_t t) {
+    const __m256 gt = _mm256_cmp_ps(cand, best, _CMP_GT_OQ);
+    tile = _mm256_blendv_epi8(tile, _mm256_set1_epi32(t), _mm256_castps_si256(gt));
+    best = cand;
+  }
+};
+constexpr int kR = 2;
+constexpr int kP = 4;
+
+#include "mcq/mcq_search_cpu_kernel.inc"
+
+#pragma GCC pop_options
+}  // namespace mcq_avx2
+
+// ---- AVX-512: 16 lanes, 4 rows x 4 vectors (16 accumulators of 32 zmm registers) -------------------
+namespace mcq_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+// GCC 12 warns about the deliberately undefined pass-through operand inside _mm512_max_ps.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+struct Vec {
+  static constexpr int L = 16;
+  using F = __m512;
+  using I = __m512i;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+  static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static void storei(int32_t* p, I a) { _mm512_storeu_si512(p, a); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F max_keep(F a, F b) { return _mm512_max_ps(a, b); }  // (a > b) ? a : b, NaN a -> b
+  static void update(F& best, I& tile, F cand, int32_t t) {
+    const __mmask16 gt = _mm512_cmp_ps_mask(cand, best, _CMP_GT_OQ);
+    tile = _mm512_mask_mov_epi32(tile, gt, _mm512_set1_epi32(t));
+    best = cand;
+  }
+};
+constexpr int kR = 4;
+constexpr int kP = 4;
+
+#include "mcq/mcq_search_cpu_kernel.inc"
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+}  // namespace mcq_avx512
+#endif
+
+// ---- dispatch -----------------------------------------------------------------------------------------
+#if defined(FASTVQ_HAVE_X86_PATHS)
+#define FASTVQ_MCQ_ISA_SWITCH(isa, ...)                           \
+  switch (isa) {                                                  \
+    case CpuIsa::kAVX512: { namespace ns = mcq_avx512; __VA_ARGS__; } break; \
+    case CpuIsa::kAVX2: { namespace ns = mcq_avx2; __VA_ARGS__; } break;     \
+    default: { namespace ns = mcq_scalar; __VA_ARGS__; } break;              \
+  }
+#else
+#define FASTVQ_MCQ_ISA_SWITCH(isa, ...) \
+  { namespace ns = mcq_scalar; __VA_ARGS__; }
+#endif
+
+McqSearchCpuPlan mcq_search_cpu_plan(const McqSearchParams& p, CpuIsa isa) {
+  McqSearchCpuPlan pl{};
+  FASTVQ_MCQ_ISA_SWITCH(isa, pl = ns::plan(p));
+  return pl;
+}
+
+void mcq_prepare_codebook_cpu(const McqSearchParams& p, CpuIsa isa, int64_t g) {
+  FASTVQ_MCQ_ISA_SWITCH(isa, ns::prepare_codebook(p, g));
+}
+
+void mcq_search_cpu_task(const McqSearchParams& p, CpuIsa isa, int64_t task, float* scratch) {
+  FASTVQ_MCQ_ISA_SWITCH(isa, ns::search_task(p, task, scratch));
+}
+
+// ---- gather: a copy per (n, g) row; memory-bound, so plain code -------------------------------------
+namespace {
+template <typename T>
+int64_t gather_rows(const McqGatherParams& p, int64_t n_begin, int64_t n_end) {
+  const T* cb = static_cast<const T*>(p.codebooks);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t off = n * p.idx_stride_n + g * p.idx_stride_g;
+      const int64_t k = p.indices_int64 ? static_cast<const int64_t*>(p.indices)[off]
+                                        : static_cast<const int32_t*>(p.indices)[off];
+      if (k < 0 || k >= p.K) return n * p.G + g;
+      const T* src = cb + g * p.cb_stride_g + k * p.cb_stride_k;
+      T* dst = out + (n * p.G + g) * p.d;
+      if (p.cb_stride_d == 1) {
+        std::memcpy(dst, src, sizeof(T) * p.d);
+      } else {
+        for (int64_t j = 0; j < p.d; ++j) dst[j] = src[j * p.cb_stride_d];
+      }
+    }
+  }
+  return -1;
+}
+}  // namespace
+
+int64_t mcq_gather_cpu_rows(const McqGatherParams& p, DType dtype, int64_t n_begin, int64_t n_end) {
+  switch (dtype) {
+    case DType::kFloat64: return gather_rows<double>(p, n_begin, n_end);
+    case DType::kFloat32: return gather_rows<float>(p, n_begin, n_end);
+    default: return gather_rows<uint16_t>(p, n_begin, n_end);  // fp16 / bf16: a bit copy
+  }
+}
+
+}  // namespace fastvq

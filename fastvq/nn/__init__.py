@@ -1,0 +1,5 @@
+"""fastvq modules: thin nn.Modules over fastvq ops, with vector-quantize-pytorch's conventions
+(``forward`` returns ``quantized, indices, loss``)."""
+from fastvq.nn.mcq import MultiCodebookQuantizer
+
+__all__ = ["MultiCodebookQuantizer"]

@@ -1,0 +1,5 @@
+"""fastvq ops: every function calls a ``torch.ops.fastvq.*`` op (CPU and CUDA kernels, fake kernels for
+torch.compile, autograd where differentiable)."""
+from fastvq.ops.mcq import mcq_gather, mcq_search
+
+__all__ = ["mcq_search", "mcq_gather"]
