@@ -47,6 +47,7 @@ def _mcq_search_fake(z: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[
     torch._check(codebooks.dim() == 3, lambda: f"mcq_search: codebooks must be [G, K, d], got shape {list(codebooks.shape)}")
     torch._check(z.dtype in _FLOATS, lambda: f"mcq_search: z must be float32, float16, bfloat16 or float64, got {z.dtype}")
     torch._check(codebooks.dtype == z.dtype, lambda: f"mcq_search: codebooks must have z's dtype {z.dtype}, got {codebooks.dtype}")
+    torch._check(codebooks.device == z.device, lambda: f"mcq_search: codebooks must be on z's device {z.device}, got {codebooks.device}")
     torch._check(z.shape[-2] == codebooks.shape[0] and z.shape[-1] == codebooks.shape[2],
                  lambda: f"mcq_search: z must be [..., G, d] matching codebooks [G, K, d] = {list(codebooks.shape)}, "
                          f"got z shape {list(z.shape)}")
@@ -59,6 +60,7 @@ def _mcq_search_fake(z: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[
 def _mcq_gather_fake(indices: Tensor, codebooks: Tensor) -> Tensor:
     torch._check(codebooks.dim() == 3, lambda: f"mcq_gather: codebooks must be [G, K, d], got shape {list(codebooks.shape)}")
     torch._check(indices.dtype in (torch.int64, torch.int32), lambda: f"mcq_gather: indices must be int64 or int32, got {indices.dtype}")
+    torch._check(indices.device == codebooks.device, lambda: f"mcq_gather: indices must be on codebooks' device {codebooks.device}, got {indices.device}")
     torch._check(indices.dim() >= 1 and indices.shape[-1] == codebooks.shape[0],
                  lambda: f"mcq_gather: indices must be [..., G] with G == {codebooks.shape[0]}, got shape {list(indices.shape)}")
     return codebooks.new_empty((*indices.shape, codebooks.shape[2]))

@@ -1,0 +1,93 @@
+"""pytest configuration of the fastvq benchmarks (run them with ``pytest benchmarks/ --benchmark-only``
+or ``python -m fastvq.bench``).
+
+Benchmark files are named ``bench_*.py`` so that no test run collects them; this conftest collects them
+when ``benchmarks/`` is named on the command line. It also adds the ``--fastvq-quick`` option (smoke
+run: 1/16 of the rows, fewer rounds) and records, in the ``machine_info`` of the JSON report, the
+fastvq build and the machine's measured fp32 matmul throughput (the ceiling the report compares with).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fastvq
+
+CEILING_MATMUL_SIZE = 2048
+CEILING_ROUNDS = 10
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How much work each benchmark does."""
+
+    rounds: int
+    warmup_rounds: int
+    row_divisor: int  # a case's N is divided by this
+
+    def rows(self, n: int) -> int:
+        return max(1, n // self.row_divisor)
+
+
+FULL = BenchConfig(rounds=5, warmup_rounds=1, row_divisor=1)
+QUICK = BenchConfig(rounds=2, warmup_rounds=1, row_divisor=16)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fastvq-quick", action="store_true",
+                     help="fastvq benchmarks: smoke run (1/16 of the rows, fewer rounds)")
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    # A bench file named on the command line is collected by pytest itself; `pytest .` skips them.
+    session = parent.session
+    if (file_path.match("bench_*.py") and not session.isinitpath(file_path)
+            and session.isinitpath(file_path.parent)):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+@pytest.fixture(scope="session")
+def bench_config(request: pytest.FixtureRequest) -> BenchConfig:
+    return QUICK if request.config.getoption("--fastvq-quick") else FULL
+
+
+def matmul_gflops(n: int = CEILING_MATMUL_SIZE, rounds: int = CEILING_ROUNDS) -> float:
+    """fp32 ``torch.mm`` throughput of an [n, n] x [n, n] product (torch's default threads): GFLOP/s of
+    the median of ``rounds`` timed products after one warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    torch.mm(a, b)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def faiss_info() -> dict[str, Any] | None:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return {"version": faiss.__version__, "threads": faiss.omp_get_max_threads()}
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    machine_info["fastvq"] = {
+        "build_info": fastvq.build_info(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "faiss": faiss_info(),
+        "ceiling": {
+            "what": f"torch.mm {CEILING_MATMUL_SIZE}x{CEILING_MATMUL_SIZE} fp32, median of {CEILING_ROUNDS}",
+            "gflops": matmul_gflops(),
+        },
+    }
