@@ -1,0 +1,154 @@
+"""Run the fastvq benchmarks and print a summary table: ``python -m fastvq.bench [--quick] [--json PATH]
+[-k EXPR]``.
+
+The benchmarks are the pytest-benchmark files of the repository's ``benchmarks/`` directory
+(``FASTVQ_BENCH_DIR`` overrides its location); they need ``pip install 'fastvq[bench]'``. The table
+gives, per case and implementation, the median time, the throughput (rows of z per second for
+mcq_search, GB/s for mcq_gather), the speed-ups over the pure-PyTorch reference and faiss (per row:
+slow baselines time a subset of the rows) and each search's GFLOP/s (2*rows*G*K*d / median) as a
+percentage of the fp32 matmul throughput measured in the same run. See docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fastvq
+
+BENCH_DIR_ENV = "FASTVQ_BENCH_DIR"
+
+
+def bench_dir() -> Path:
+    """``$FASTVQ_BENCH_DIR``, else ``benchmarks/`` beside the ``fastvq`` package (a source checkout)."""
+    return Path(os.environ.get(BENCH_DIR_ENV) or Path(fastvq.__file__).resolve().parent.parent / "benchmarks")
+
+
+def run_benchmarks(directory: Path, json_path: Path, quick: bool, keyword: str | None) -> int:
+    """pytest on ``directory`` with the JSON report written to ``json_path``; returns pytest's exit code."""
+    import pytest
+
+    args = [str(directory), "--benchmark-only", f"--benchmark-json={json_path}", "-q"]
+    if quick:
+        args.append("--fastvq-quick")
+    if keyword:
+        args += ["-k", keyword]
+    return int(pytest.main(args))
+
+
+def impl_label(info: dict[str, Any]) -> str:
+    if "cpu_isa" not in info:
+        return info["impl"]
+    setting, active = info["cpu_isa"], info["cpu_isa_active"]
+    return f"{info['impl']} ({'auto=' if setting == 'auto' else ''}{active})"
+
+
+def format_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def format_speedup(per_row: float, baseline: float | None) -> str:
+    return "-" if baseline is None else f"{per_row / baseline:.1f}x"
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per benchmark: case, impl, rows, median, throughput, vs ref, vs faiss, % of ceiling."""
+    ceiling_flops = report["machine_info"]["fastvq"]["ceiling"]["gflops"] * 1e9
+    benches = report["benchmarks"]
+    # Per-row throughput of the baselines of each case, the denominators of the speed-ups.
+    baselines = {(b["group"], b["extra_info"]["impl"]): b["extra_info"]["rows"] / b["stats"]["median"]
+                 for b in benches if b["extra_info"]["impl"] in ("reference", "faiss")}
+    rows = []
+    for b in benches:
+        info, median = b["extra_info"], b["stats"]["median"]
+        per_row = info["rows"] / median
+        ref, faiss = baselines.get((b["group"], "reference")), baselines.get((b["group"], "faiss"))
+        if "flops" in info:
+            throughput = f"{per_row:,.0f} rows/s"
+            ceiling = f"{info['flops'] / median / ceiling_flops:.1%}"
+        else:
+            throughput = f"{info['bytes'] / median / 1e9:.2f} GB/s"
+            ceiling = "-"
+        rows.append([b["group"], impl_label(info), f"{info['rows']:,}", format_time(median), throughput,
+                     format_speedup(per_row, ref), format_speedup(per_row, faiss), ceiling])
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Text columns (the first two) left-aligned, numbers right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def format_header(report: dict[str, Any]) -> str:
+    machine = report["machine_info"]
+    ours = machine["fastvq"]
+    build, faiss, ceiling = ours["build_info"], ours["faiss"], ours["ceiling"]
+    cpu = machine["cpu"]
+    faiss_line = (f"{faiss['version']}, {faiss['threads']} threads" if faiss
+                  else "not installed (faiss rows skipped)")
+    return "\n".join([
+        f"fastvq {build['version']} benchmarks, {report['datetime']}",
+        f"machine  {cpu.get('brand_raw') or machine['processor']}, {cpu.get('count')} CPUs, "
+        f"{machine['system']} {machine['release']} {machine['machine']}",
+        f"fastvq   cpu_isa {build['cpu_isa']} (supported: {build['cpu_isa_supported']}), "
+        f"{build['num_threads']} threads, {build['cxx']}",
+        f"torch    {ours['torch']}, {ours['torch_threads']} threads",
+        f"faiss    {faiss_line}",
+        f"ceiling  {ceiling['gflops']:.1f} GFLOP/s ({ceiling['what']})",
+    ])
+
+
+TABLE_HEADER = ["case (op metric NxGxKxd)", "impl", "rows", "median", "throughput",
+                "vs ref", "vs faiss", "% ceiling"]
+TABLE_NOTES = ("rows: rows of z timed (the slow baselines time the first rows of the case); "
+               "speed-ups compare rows/s.\n% ceiling: search GFLOP/s (2*rows*G*K*d / median) "
+               "over the fp32 matmul GFLOP/s above.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvq.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1/16 of the rows, fewer rounds")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="keep pytest-benchmark's JSON report here (default: a temporary file)")
+    parser.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression selecting benchmarks")
+    args = parser.parse_args(argv)
+
+    directory = bench_dir()
+    if not directory.is_dir():
+        parser.error(f"benchmark directory {directory} not found: run from a source checkout of fastvq "
+                     f"or set {BENCH_DIR_ENV}")
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        parser.error("pytest-benchmark is not installed: pip install 'fastvq[bench]'")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = args.json or Path(tmp) / "benchmarks.json"
+        code = run_benchmarks(directory, json_path, args.quick, args.keyword)
+        if not json_path.exists():  # nothing ran (no benchmark selected, or a collection error)
+            return code
+        report = json.loads(json_path.read_text())
+
+    print()
+    print(format_header(report))
+    print()
+    print(format_table(TABLE_HEADER, table_rows(report)))
+    print()
+    print(TABLE_NOTES)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
