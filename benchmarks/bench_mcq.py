@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ from fastvq.reference.mcq import COSINE_EPS
 
 if TYPE_CHECKING:
     from conftest import BenchConfig
+    from pytest_benchmark.fixture import BenchmarkFixture
 
 REF_ROWS = 2048  # mcq_search_ref builds an [N, K] matrix per group: ~4k rows/s at the UniTok shape
 FAISS_ROWS = 16384  # faiss IndexFlat: ~20k rows/s at the UniTok shape
@@ -65,7 +66,9 @@ def search_inputs(case: SearchCase, n: int, rows: int) -> tuple[Tensor, Tensor]:
     return randn(n, case.g, case.d, seed=0)[:rows], randn(case.g, case.k, case.d, seed=1)
 
 
-def run(benchmark: Any, config: BenchConfig, fn: Callable[[], object], group: str, **info: object) -> None:
+def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], object], group: str,
+        **info: object) -> None:
+    """Time ``fn`` (median of ``config.rounds`` calls) as a row of ``group`` described by ``info``."""
     benchmark.group = group
     benchmark.extra_info.update(info)
     benchmark.pedantic(fn, rounds=config.rounds, warmup_rounds=config.warmup_rounds)
@@ -96,8 +99,9 @@ FASTVQ_SEARCH = [(case, "auto") for case in SEARCH_CASES] + [
 
 @pytest.mark.parametrize(("case", "isa"), FASTVQ_SEARCH,
                          ids=[f"{case_id(c)}-{isa}" for c, isa in FASTVQ_SEARCH])
-def test_search_fastvq(benchmark: Any, bench_config: BenchConfig, case: SearchCase, isa: str) -> None:
-    n = bench_config.rows(case.n)
+def test_search_fastvq(benchmark: BenchmarkFixture, bench_config: BenchConfig, case: SearchCase,
+                       isa: str) -> None:
+    n = bench_config.scaled(case.n)
     z, codebooks = search_inputs(case, n, n)
     with forced_cpu_isa(isa) as active:
         run(benchmark, bench_config, lambda: mcq_search(z, codebooks, case.metric), case.group(n),
@@ -105,8 +109,8 @@ def test_search_fastvq(benchmark: Any, bench_config: BenchConfig, case: SearchCa
 
 
 @pytest.mark.parametrize("case", SEARCH_CASES, ids=case_id)
-def test_search_reference(benchmark: Any, bench_config: BenchConfig, case: SearchCase) -> None:
-    n = bench_config.rows(case.n)
+def test_search_reference(benchmark: BenchmarkFixture, bench_config: BenchConfig, case: SearchCase) -> None:
+    n = bench_config.scaled(case.n)
     rows = min(n, REF_ROWS)
     z, codebooks = search_inputs(case, n, rows)
     run(benchmark, bench_config, lambda: mcq_search_ref(z, codebooks, case.metric), case.group(n),
@@ -114,12 +118,12 @@ def test_search_reference(benchmark: Any, bench_config: BenchConfig, case: Searc
 
 
 @pytest.mark.parametrize("case", SEARCH_CASES, ids=case_id)
-def test_search_faiss(benchmark: Any, bench_config: BenchConfig, case: SearchCase) -> None:
+def test_search_faiss(benchmark: BenchmarkFixture, bench_config: BenchConfig, case: SearchCase) -> None:
     """One exact flat index per group, k=1; all G searches are timed. Cosine is inner product on
     L2-normalised vectors, normalised before timing (index building and the per-group contiguous
     copies of z are untimed too)."""
     faiss = pytest.importorskip("faiss")
-    n = bench_config.rows(case.n)
+    n = bench_config.scaled(case.n)
     rows = min(n, FAISS_ROWS)
     z, codebooks = search_inputs(case, n, rows)
     if case.metric == "cosine":
@@ -136,8 +140,7 @@ def test_search_faiss(benchmark: Any, bench_config: BenchConfig, case: SearchCas
         for index, query in zip(indexes, queries):
             index.search(query, 1)
 
-    run(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, rows),
-        threads=faiss.omp_get_max_threads())
+    run(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, rows))
 
 
 GATHER_IMPLS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -145,10 +148,10 @@ GATHER_IMPLS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 @pytest.mark.parametrize("impl", GATHER_IMPLS)
-def test_gather(benchmark: Any, bench_config: BenchConfig, impl: str) -> None:
+def test_gather(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str) -> None:
     """UniTok shape. ``bytes``: the int64 indices read, the selected codes read and the output written."""
     case = UNITOK[0]
-    n = bench_config.rows(case.n)
+    n = bench_config.scaled(case.n)
     indices = torch.randint(case.k, (n, case.g), generator=torch.Generator().manual_seed(2))
     codebooks = randn(case.g, case.k, case.d, seed=1)
     gather = GATHER_IMPLS[impl]

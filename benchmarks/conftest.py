@@ -29,9 +29,10 @@ class BenchConfig:
 
     rounds: int
     warmup_rounds: int
-    row_divisor: int  # a case's N is divided by this
+    row_divisor: int
 
-    def rows(self, n: int) -> int:
+    def scaled(self, n: int) -> int:
+        """A case's N for this run."""
         return max(1, n // self.row_divisor)
 
 

@@ -33,7 +33,8 @@ def run_benchmarks(directory: Path, json_path: Path, quick: bool, keyword: str |
     """pytest on ``directory`` with the JSON report written to ``json_path``; returns pytest's exit code."""
     import pytest
 
-    args = [str(directory), "--benchmark-only", f"--benchmark-json={json_path}", "-q"]
+    args = [str(directory), "-q", "--benchmark-only", f"--benchmark-json={json_path}",
+            "--benchmark-columns=median,iqr,min,max,rounds"]
     if quick:
         args.append("--fastvq-quick")
     if keyword:
@@ -60,6 +61,15 @@ def format_speedup(per_row: float, baseline: float | None) -> str:
     return "-" if baseline is None else f"{per_row / baseline:.1f}x"
 
 
+def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
+    """Searches before gathers, multi-codebook cases first; within a case fastvq (auto ISA, then the
+    forced ones), the reference, faiss."""
+    info = bench["extra_info"]
+    return (info["op"] != "mcq_search", -info["G"], info.get("metric", ""),
+            ("fastvq", "reference", "faiss").index(info["impl"]),
+            ("auto", "avx512", "avx2", "scalar").index(info.get("cpu_isa", "auto")))
+
+
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per benchmark: case, impl, rows, median, throughput, vs ref, vs faiss, % of ceiling."""
     ceiling_flops = report["machine_info"]["fastvq"]["ceiling"]["gflops"] * 1e9
@@ -68,7 +78,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     baselines = {(b["group"], b["extra_info"]["impl"]): b["extra_info"]["rows"] / b["stats"]["median"]
                  for b in benches if b["extra_info"]["impl"] in ("reference", "faiss")}
     rows = []
-    for b in benches:
+    for b in sorted(benches, key=table_order):
         info, median = b["extra_info"], b["stats"]["median"]
         per_row = info["rows"] / median
         ref, faiss = baselines.get((b["group"], "reference")), baselines.get((b["group"], "faiss"))
@@ -124,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1/16 of the rows, fewer rounds")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="keep pytest-benchmark's JSON report here (default: a temporary file)")
-    parser.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression selecting benchmarks")
+    parser.add_argument("-k", dest="keyword", metavar="EXPR",
+                        help="pytest -k expression selecting the benchmarks")
     args = parser.parse_args(argv)
 
     directory = bench_dir()
@@ -137,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         json_path = args.json or Path(tmp) / "benchmarks.json"
         code = run_benchmarks(directory, json_path, args.quick, args.keyword)
-        if not json_path.exists():  # nothing ran (no benchmark selected, or a collection error)
+        text = json_path.read_text() if json_path.exists() else ""
+        if not text:  # no benchmark ran: none selected, or a collection error
             return code
-        report = json.loads(json_path.read_text())
+        report = json.loads(text)
 
     print()
     print(format_header(report))

@@ -12,6 +12,7 @@
 
 namespace fastvq {
 
+// z [..., G, d], codebooks [G, K, d] -> (indices [..., G] int64, scores [..., G] float32)
 std::tuple<at::Tensor, at::Tensor> mcq_search_cpu(const at::Tensor& z, const at::Tensor& codebooks,
                                                   std::string_view metric) {
   const McqMetric m = parse_mcq_metric(metric);
@@ -42,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cpu(const at::Tensor& z, const at:
   return {indices, scores};
 }
 
+// indices [..., G] int64/int32, codebooks [G, K, d] -> [..., G, d]
 at::Tensor mcq_gather_cpu(const at::Tensor& indices, const at::Tensor& codebooks) {
   const McqShape s = check_mcq_gather_args(indices, codebooks);
   at::Tensor out = mcq_gather_output(indices, codebooks);

@@ -224,6 +224,7 @@ __global__ void __launch_bounds__(256) mcq_gather_kernel(const McqGatherParams p
 
 }  // namespace
 
+// z [..., G, d], codebooks [G, K, d] -> (indices [..., G] int64, scores [..., G] float32)
 std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at::Tensor& codebooks,
                                                    std::string_view metric) {
   const McqMetric m = parse_mcq_metric(metric);
@@ -253,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
   return {indices, scores};
 }
 
+// indices [..., G] int64/int32, codebooks [G, K, d] -> [..., G, d]
 at::Tensor mcq_gather_cuda(const at::Tensor& indices, const at::Tensor& codebooks) {
   const McqShape s = check_mcq_gather_args(indices, codebooks);
   const c10::cuda::CUDAGuard guard(codebooks.device());
