@@ -35,8 +35,8 @@ def objective64(z, cb, metric):
     """float64 objective [N, G, K] (larger is better) on the same (dtype-rounded) inputs."""
     x = z.double().reshape(-1, cb.shape[0], cb.shape[2])
     c = cb.double()
-    if metric == "l2":
-        return -((x[:, :, None, :] - c[None]) ** 2).sum(-1)
+    if metric == "l2":  # expanded form: float64 keeps its cancellation error far below fp32 resolution
+        return -((x * x).sum(-1)[..., None] - 2 * torch.einsum("ngd,gkd->ngk", x, c) + (c * c).sum(-1)[None])
     return torch.einsum("ngd,gkd->ngk", F.normalize(x, dim=-1, eps=1e-6), F.normalize(c, dim=-1, eps=1e-6))
 
 
