@@ -1,16 +1,18 @@
 """Benchmarks of the mcq ops against their pure-PyTorch references and, when installed, faiss.
 
-Each benchmark is one pytest-benchmark row: median of ``bench_config.rounds`` timed calls after
-``warmup_rounds`` untimed ones, grouped by case (op, metric, N x G x K x d). Its ``extra_info`` holds
-op, impl, metric, N (the case's rows), rows (the rows timed), G, K, d and the work of one timed call:
-``flops`` = 2 * rows * G * K * d for mcq_search, ``bytes`` moved for mcq_gather. The slow baselines
-time the first ``REF_ROWS`` / ``FAISS_ROWS`` rows of the case; compare implementations per row.
+Each benchmark is one pytest-benchmark row, grouped by case (op, metric, N x G x K x d): one
+untimed warm-up call, then 5 to 100 timed calls, about two seconds' worth (``conftest.BenchConfig``).
+Its ``extra_info`` holds op, impl, metric, N (the case's rows), rows (the rows timed), G, K, d and the
+work of one timed call: ``flops`` = 2 * rows * G * K * d for mcq_search, ``bytes`` moved for
+mcq_gather. The reference times the first ``REF_ROWS`` rows of the case, everything else all N rows;
+compare implementations per row.
 
 Inputs are float32 ``torch.randn`` with fixed seeds; fastvq and torch run with their default threads.
 """
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +32,7 @@ if TYPE_CHECKING:
     from conftest import BenchConfig
     from pytest_benchmark.fixture import BenchmarkFixture
 
-REF_ROWS = 2048  # mcq_search_ref builds an [N, K] matrix per group: ~4k rows/s at the UniTok shape
-FAISS_ROWS = 16384  # faiss IndexFlat: ~20k rows/s at the UniTok shape
+REF_ROWS = 2048  # mcq_search_ref builds an [N, K] matrix per group: ~5k rows/s at the UniTok shape
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,14 @@ def search_inputs(case: SearchCase, n: int, rows: int) -> tuple[Tensor, Tensor]:
 
 def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], object], group: str,
         **info: object) -> None:
-    """Time ``fn`` (median of ``config.rounds`` calls) as a row of ``group`` described by ``info``."""
+    """Time ``fn`` as a row of ``group`` described by ``info``: one untimed warm-up call, then
+    ``config.rounds(its time)`` timed calls."""
+    start = time.perf_counter()
+    fn()
+    rounds = config.rounds(time.perf_counter() - start)
     benchmark.group = group
     benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, rounds=config.rounds, warmup_rounds=config.warmup_rounds)
+    benchmark.pedantic(fn, rounds=rounds)
 
 
 def search_info(case: SearchCase, impl: str, n: int, rows: int) -> dict[str, object]:
@@ -121,11 +126,11 @@ def test_search_reference(benchmark: BenchmarkFixture, bench_config: BenchConfig
 def test_search_faiss(benchmark: BenchmarkFixture, bench_config: BenchConfig, case: SearchCase) -> None:
     """One exact flat index per group, k=1; all G searches are timed. Cosine is inner product on
     L2-normalised vectors, normalised before timing (index building and the per-group contiguous
-    copies of z are untimed too)."""
+    copies of z are untimed too). All N rows: faiss 1.15 switches to its fast k=1 kernels from 16,000
+    queries per search on, so a row subset would understate it."""
     faiss = pytest.importorskip("faiss")
     n = bench_config.scaled(case.n)
-    rows = min(n, FAISS_ROWS)
-    z, codebooks = search_inputs(case, n, rows)
+    z, codebooks = search_inputs(case, n, n)
     if case.metric == "cosine":
         z, codebooks = F.normalize(z, dim=-1, eps=COSINE_EPS), F.normalize(codebooks, dim=-1, eps=COSINE_EPS)
     index_type = faiss.IndexFlatIP if case.metric == "cosine" else faiss.IndexFlatL2
@@ -140,7 +145,7 @@ def test_search_faiss(benchmark: BenchmarkFixture, bench_config: BenchConfig, ca
         for index, query in zip(indexes, queries):
             index.search(query, 1)
 
-    run(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, rows))
+    run(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, n))
 
 
 GATHER_IMPLS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {

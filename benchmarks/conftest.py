@@ -3,7 +3,7 @@ or ``python -m fastvq.bench``).
 
 Benchmark files are named ``bench_*.py`` so that no test run collects them; this conftest collects them
 when ``benchmarks/`` is named on the command line. It also adds the ``--fastvq-quick`` option (smoke
-run: 1/16 of the rows, fewer rounds) and records, in the ``machine_info`` of the JSON report, the
+run: 1/16 of the rows, a tenth of the timing) and records, in the ``machine_info`` of the JSON report, the
 fastvq build and the machine's measured fp32 matmul throughput (the ceiling the report compares with).
 """
 from __future__ import annotations
@@ -25,24 +25,30 @@ CEILING_ROUNDS = 10
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """How much work each benchmark does."""
+    """How much work each benchmark does: its case's N divided by ``row_divisor``, timed for
+    ``budget_s`` (one untimed warm-up call sets the number of rounds), in ``min_rounds`` to
+    ``max_rounds`` rounds."""
 
-    rounds: int
-    warmup_rounds: int
+    min_rounds: int
+    max_rounds: int
+    budget_s: float
     row_divisor: int
+
+    def rounds(self, seconds_per_call: float) -> int:
+        return max(self.min_rounds, min(self.max_rounds, round(self.budget_s / seconds_per_call)))
 
     def scaled(self, n: int) -> int:
         """A case's N for this run."""
         return max(1, n // self.row_divisor)
 
 
-FULL = BenchConfig(rounds=5, warmup_rounds=1, row_divisor=1)
-QUICK = BenchConfig(rounds=2, warmup_rounds=1, row_divisor=16)
+FULL = BenchConfig(min_rounds=5, max_rounds=100, budget_s=2.0, row_divisor=1)
+QUICK = BenchConfig(min_rounds=2, max_rounds=10, budget_s=0.2, row_divisor=16)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fastvq-quick", action="store_true",
-                     help="fastvq benchmarks: smoke run (1/16 of the rows, fewer rounds)")
+                     help="fastvq benchmarks: smoke run (1/16 of the rows, a tenth of the timing)")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:

@@ -1,11 +1,11 @@
-"""Run the fastvq benchmarks and print a summary table: ``python -m fastvq.bench [--quick] [--json PATH]
-[-k EXPR]``.
+"""``python -m fastvq.bench [--quick] [--json PATH] [-k EXPR]``: run the fastvq benchmarks and print a
+summary table.
 
 The benchmarks are the pytest-benchmark files of the repository's ``benchmarks/`` directory
 (``FASTVQ_BENCH_DIR`` overrides its location); they need ``pip install 'fastvq[bench]'``. The table
 gives, per case and implementation, the median time, the throughput (rows of z per second for
 mcq_search, GB/s for mcq_gather), the speed-ups over the pure-PyTorch reference and faiss (per row:
-slow baselines time a subset of the rows) and each search's GFLOP/s (2*rows*G*K*d / median) as a
+the reference times a subset of the rows) and each search's GFLOP/s (2*rows*G*K*d / median) as a
 percentage of the fp32 matmul throughput measured in the same run. See docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def bench_dir() -> Path:
 
 def run_benchmarks(directory: Path, json_path: Path, quick: bool, keyword: str | None) -> int:
     """pytest on ``directory`` with the JSON report written to ``json_path``; returns pytest's exit code."""
-    import pytest
+    import pytest  # here, so that main() can first say that pytest-benchmark is missing
 
     args = [str(directory), "-q", "--benchmark-only", f"--benchmark-json={json_path}",
             "--benchmark-columns=median,iqr,min,max,rounds"]
@@ -58,7 +58,10 @@ def format_time(seconds: float) -> str:
 
 
 def format_speedup(per_row: float, baseline: float | None) -> str:
-    return "-" if baseline is None else f"{per_row / baseline:.1f}x"
+    if baseline is None:
+        return "-"
+    ratio = per_row / baseline
+    return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2g}x"
 
 
 def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
@@ -124,14 +127,17 @@ def format_header(report: dict[str, Any]) -> str:
 
 TABLE_HEADER = ["case (op metric NxGxKxd)", "impl", "rows", "median", "throughput",
                 "vs ref", "vs faiss", "% ceiling"]
-TABLE_NOTES = ("rows: rows of z timed (the slow baselines time the first rows of the case); "
+TABLE_NOTES = ("rows: rows of z timed (the reference times the first rows of the case); "
                "speed-ups compare rows/s.\n% ceiling: search GFLOP/s (2*rows*G*K*d / median) "
                "over the fp32 matmul GFLOP/s above.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvq.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1/16 of the rows, fewer rounds")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastvq.bench",
+        description="Run the fastvq benchmarks (pytest-benchmark) and print a summary table.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1/16 of the rows, a tenth of the timing")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="keep pytest-benchmark's JSON report here (default: a temporary file)")
     parser.add_argument("-k", dest="keyword", metavar="EXPR",

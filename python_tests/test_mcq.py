@@ -382,3 +382,10 @@ def test_build_info():
         assert info["cuda"] and info["cuda_archs"] and info["nvcc"]
     with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
         fastvq.set_cpu_isa("sse9")
+    prev = fastvq.set_cpu_isa("scalar")
+    try:
+        assert fastvq.cpu_isa() == "scalar" and fastvq.build_info()["cpu_isa"] == "scalar"
+        assert fastvq.set_cpu_isa("auto") == "scalar"
+        assert fastvq.cpu_isa() == info["cpu_isa_supported"]
+    finally:
+        fastvq.set_cpu_isa(prev)

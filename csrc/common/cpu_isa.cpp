@@ -7,24 +7,27 @@
 namespace fastvq {
 namespace {
 
-bool parse_isa(const std::string& name, CpuIsa* out) {
-  if (name == "scalar") *out = CpuIsa::kScalar;
-  else if (name == "avx2") *out = CpuIsa::kAVX2;
-  else if (name == "avx512") *out = CpuIsa::kAVX512;
-  else if (name == "auto" || name.empty()) *out = cpu_isa_supported();
+constexpr int kAuto = -1;  // the setting "auto": the best supported ISA
+
+// "auto" -> kAuto, an ISA name -> its value; false for anything else.
+bool parse_setting(const std::string& name, int* out) {
+  if (name == "scalar") *out = static_cast<int>(CpuIsa::kScalar);
+  else if (name == "avx2") *out = static_cast<int>(CpuIsa::kAVX2);
+  else if (name == "avx512") *out = static_cast<int>(CpuIsa::kAVX512);
+  else if (name == "auto" || name.empty()) *out = kAuto;
   else return false;
   return true;
 }
 
-std::atomic<int>& active_slot() {
+// The current setting (kAuto or a forced ISA).
+std::atomic<int>& setting_slot() {
   static std::atomic<int> slot([] {
-    CpuIsa isa = cpu_isa_supported();
+    int setting = kAuto;
     if (const char* env = std::getenv("FASTVQ_CPU_ISA")) {
-      CpuIsa want;
-      // An unknown or unsupported name falls back to the detected ISA rather than failing at import.
-      if (parse_isa(env, &want) && want <= isa) isa = want;
+      // An unknown or unsupported name falls back to "auto" rather than failing at import.
+      if (!parse_setting(env, &setting) || setting > static_cast<int>(cpu_isa_supported())) setting = kAuto;
     }
-    return static_cast<int>(isa);
+    return setting;
   }());
   return slot;
 }
@@ -54,20 +57,23 @@ CpuIsa cpu_isa_supported() {
 #endif
 }
 
-CpuIsa cpu_isa_active() { return static_cast<CpuIsa>(active_slot().load(std::memory_order_relaxed)); }
+CpuIsa cpu_isa_active() {
+  const int setting = setting_slot().load(std::memory_order_relaxed);
+  return setting == kAuto ? cpu_isa_supported() : static_cast<CpuIsa>(setting);
+}
 
 std::string set_cpu_isa(const std::string& name) {
-  CpuIsa want;
-  if (!parse_isa(name, &want)) {
+  int want;
+  if (!parse_setting(name, &want)) {
     throw std::invalid_argument("fastvq.set_cpu_isa: unknown ISA '" + name +
                                 "', expected one of scalar, avx2, avx512, auto");
   }
-  if (want > cpu_isa_supported()) {
+  if (want > static_cast<int>(cpu_isa_supported())) {
     throw std::invalid_argument("fastvq.set_cpu_isa: '" + name + "' is not supported by this CPU (best: " +
                                 cpu_isa_name(cpu_isa_supported()) + ")");
   }
-  const CpuIsa prev = static_cast<CpuIsa>(active_slot().exchange(static_cast<int>(want)));
-  return cpu_isa_name(prev);
+  const int prev = setting_slot().exchange(want);
+  return prev == kAuto ? "auto" : cpu_isa_name(static_cast<CpuIsa>(prev));
 }
 
 }  // namespace fastvq

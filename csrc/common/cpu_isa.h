@@ -15,7 +15,7 @@ CpuIsa cpu_isa_supported();
 // The ISA kernels use now: FASTVQ_CPU_ISA if set at first use, else cpu_isa_supported().
 CpuIsa cpu_isa_active();
 // Force an ISA by name ("scalar", "avx2", "avx512", or "auto"); throws std::invalid_argument for an
-// unknown name or one this machine cannot run. Returns the previous name.
+// unknown name or one this machine cannot run. Returns the previous setting ("auto" or an ISA name).
 std::string set_cpu_isa(const std::string& name);
 
 }  // namespace fastvq
