@@ -1,4 +1,4 @@
-// The fastvq library: every op's schema (the API contract), and the small `fastvq._C` Python module
+// The fastvq library: every op's schema (the API contract, listed in schemas.h), and the small `fastvq._C` Python module
 // that loads the library and reports how it was built. Kernels register in their own files with
 // TORCH_LIBRARY_IMPL(fastvq, CPU|CUDA, m); autograd and fake (meta) kernels live in Python
 // (fastvq/ops/), so there is exactly one place for each op's shape logic.
@@ -14,6 +14,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/macros.h"
+#include "schemas.h"
 
 #ifndef FASTVQ_VERSION
 #define FASTVQ_VERSION "0+unknown"
@@ -28,10 +29,9 @@ std::vector<std::string> cuda_archs_compiled();
 }  // namespace fastvq
 
 TORCH_LIBRARY(fastvq, m) {
-  // Multi-codebook nearest-code search (UniTok MCQ). docs/ops/mcq.md
-  m.def("mcq_search(Tensor z, Tensor codebooks, str metric=\"l2\") -> (Tensor indices, Tensor scores)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("mcq_gather(Tensor indices, Tensor codebooks) -> Tensor", {at::Tag::pt2_compliant_tag});
+#define FASTVQ_DEFINE_OP(schema) m.def(schema, {at::Tag::pt2_compliant_tag});
+  FASTVQ_FOR_EACH_SCHEMA(FASTVQ_DEFINE_OP)
+#undef FASTVQ_DEFINE_OP
 }
 
 namespace py = pybind11;

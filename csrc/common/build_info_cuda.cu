@@ -6,8 +6,12 @@
 namespace fastvq {
 
 std::string cuda_compiler_version() {
+#if !defined(__CUDACC__)
+  return "emulated";  // the CPU emulation build compiles this file with g++
+#else
   return std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__) + "." +
          std::to_string(__CUDACC_VER_BUILD__);
+#endif
 }
 
 // nvcc lists the virtual architectures of this compilation in __CUDA_ARCH_LIST__ (e.g. 800,900).

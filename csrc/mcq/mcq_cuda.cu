@@ -9,11 +9,9 @@
 //                       4 codes (lane + 32 c) of the tile for all 8 rows of its warp, keeps a running
 //                       best per row, and the warp reduces (value, index) pairs with the shared tie rule.
 // Plain CUDA C++ only (no inline PTX): the emulation build executes this source on the CPU.
+#include "common/cuda_compat.h"
+
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include "mcq/mcq_host.h"
@@ -216,7 +214,7 @@ __global__ void __launch_bounds__(256) mcq_gather_kernel(const McqGatherParams p
     const int64_t j = i % p.d, ng = i / p.d, g = ng % p.G, n = ng / p.G;
     const int64_t k = static_cast<int64_t>(idx[n * p.idx_stride_n + g * p.idx_stride_g]);
     const bool in_range = k >= 0 && k < p.K;
-    CUDA_KERNEL_ASSERT(in_range && "mcq_gather: index out of range [0, K)");
+    FASTVQ_KERNEL_ASSERT(in_range && "mcq_gather: index out of range [0, K)");
     out[i] = in_range ? cb[g * p.cb_stride_g + k * p.cb_stride_k + j * p.cb_stride_d]
                       : static_cast<scalar_t>(mcq_nan());
   }
@@ -230,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
   const McqMetric m = parse_mcq_metric(metric);
   const McqShape s = check_mcq_search_args(z, codebooks);
   TORCH_CHECK(s.G <= 65535, "mcq_search: at most 65535 codebooks (G) on CUDA, got ", s.G);
-  const c10::cuda::CUDAGuard guard(z.device());
+  FASTVQ_CUDA_DEVICE_GUARD(z.device());
   auto [indices, scores] = mcq_search_outputs(z);
   if (s.N == 0 || s.G == 0) return {indices, scores};
 
@@ -242,14 +240,14 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
   p.cb_prep = cb_prep.data_ptr<float>();
   p.bias_prep = bias_prep.data_ptr<float>();
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = FASTVQ_CUDA_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mcq_search_cuda", [&] {
     const dim3 prep_grid(static_cast<unsigned>((p.K_pad + kPrepThreads - 1) / kPrepThreads), static_cast<unsigned>(s.G));
-    mcq_prepare_kernel<scalar_t><<<prep_grid, kPrepThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTVQ_LAUNCH_KERNEL(mcq_prepare_kernel<scalar_t>, prep_grid, dim3(kPrepThreads), 0, stream, p);
+    FASTVQ_CUDA_LAUNCH_CHECK();
     const dim3 grid(static_cast<unsigned>((s.N + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(s.G));
-    mcq_search_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTVQ_LAUNCH_KERNEL(mcq_search_kernel<scalar_t>, grid, dim3(kThreads), 0, stream, p);
+    FASTVQ_CUDA_LAUNCH_CHECK();
   });
   return {indices, scores};
 }
@@ -257,26 +255,26 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
 // indices [..., G] int64/int32, codebooks [G, K, d] -> [..., G, d]
 at::Tensor mcq_gather_cuda(const at::Tensor& indices, const at::Tensor& codebooks) {
   const McqShape s = check_mcq_gather_args(indices, codebooks);
-  const c10::cuda::CUDAGuard guard(codebooks.device());
+  FASTVQ_CUDA_DEVICE_GUARD(codebooks.device());
   at::Tensor out = mcq_gather_output(indices, codebooks);
   if (out.numel() == 0) return out;
   const at::Tensor idx2 = indices.reshape({s.N, s.G});
   const McqGatherParams p = mcq_gather_params(idx2, codebooks, s, out);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = FASTVQ_CUDA_STREAM();
   const int64_t total = out.numel();
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535 * 16));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebooks.scalar_type(), "mcq_gather_cuda", [&] {
     if (p.indices_int64) {
-      mcq_gather_kernel<scalar_t, int64_t><<<blocks, 256, 0, stream>>>(p);
+      FASTVQ_LAUNCH_KERNEL((mcq_gather_kernel<scalar_t, int64_t>), dim3(blocks), dim3(256), 0, stream, p);
     } else {
-      mcq_gather_kernel<scalar_t, int32_t><<<blocks, 256, 0, stream>>>(p);
+      FASTVQ_LAUNCH_KERNEL((mcq_gather_kernel<scalar_t, int32_t>), dim3(blocks), dim3(256), 0, stream, p);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTVQ_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(fastvq, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTVQ_CUDA_LIBRARY, FASTVQ_CUDA_DISPATCH_KEY, m) {
   m.impl("mcq_search", &mcq_search_cuda);
   m.impl("mcq_gather", &mcq_gather_cuda);
 }

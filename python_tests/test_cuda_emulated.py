@@ -1,0 +1,134 @@
+"""Every CUDA kernel, executed from its own .cu source on the CPU by the emulation build
+(torch.ops.fastvq_emu.*), against the CPU op and the reference, under every schedule.
+
+The emulation library is built by FASTVQ_EMU=1 (FASTVQ_EMU_ASAN=1 for the sanitizer variant, selected
+with FASTVQ_EMU_VARIANT=asan in a process started with libasan preloaded: scripts/test.sh does both).
+Without it these tests skip, unless FASTVQ_REQUIRE_EMU=1 (CI), where a missing build fails.
+"""
+import os
+
+import pytest
+import torch
+
+import fastvq
+import fastvq.emu as emu
+from fastvq.reference import mcq_search_ref
+
+from test_mcq import DTYPES, METRICS, assert_search_matches, make_inputs
+
+try:
+    VARIANT = emu.load()
+except RuntimeError as e:
+    if os.environ.get("FASTVQ_REQUIRE_EMU") == "1":
+        raise
+    pytest.skip(f"emulation build not available: {e}", allow_module_level=True)
+
+# The AVX-512/AVX2 CPU kernels use the same fp32 fma chains as the CUDA kernel: bit-identical results.
+BITWISE = fastvq.build_info()["cpu_isa_supported"] != "scalar"
+SEEDS = {"forward": 0, "reverse": 0, "shuffled": 1234}
+# (N, G, K, d): partial row blocks (64 rows/block), K off the 128-code tile, d past the 32-dim chunk
+SHAPES = [(1, 1, 1, 1), (7, 2, 17, 8), (70, 3, 129, 9), (65, 1, 300, 33), (5, 2, 40, 70)]
+
+
+@pytest.fixture(params=emu.SCHEDULES)
+def schedule(request):
+    with emu.schedule(request.param, SEEDS[request.param]):
+        yield request.param
+
+
+def cpu_search(z, cb, metric):
+    prev = fastvq.set_cpu_isa("auto")
+    try:
+        return fastvq.ops.mcq_search(z, cb, metric)
+    finally:
+        fastvq.set_cpu_isa(prev)
+
+
+def test_every_op_has_an_emulated_cuda_kernel():
+    ops = [name for name in dir(torch.ops.fastvq) if not name.startswith("_")
+           and isinstance(getattr(torch.ops.fastvq, name), torch._ops.OpOverloadPacket)]
+    assert ops, "no fastvq ops found"
+    for name in ops:
+        op = getattr(torch.ops.fastvq_emu, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU"), (
+            f"{name}: no emulated CUDA kernel registered (its .cu must register through common/cuda_compat.h)")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-G{}-K{}-d{}".format(*s))
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mcq_search_emulated(schedule, shape, metric, dtype):
+    N, G, K, d = shape
+    z, cb = make_inputs(N, G, K, d, dtype)
+    idx, scores = torch.ops.fastvq_emu.mcq_search(z, cb, metric)
+    idx_cpu, scores_cpu = cpu_search(z, cb, metric)
+    if BITWISE:
+        assert torch.equal(idx, idx_cpu)
+        torch.testing.assert_close(scores, scores_cpu, rtol=0, atol=0, equal_nan=True)
+    assert_search_matches(z, cb, metric, idx, scores)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_mcq_search_emulated_edge_inputs(schedule, metric):
+    # ties across tiles, non-finite rows and codes, zero rows, strided views, empty
+    K, d = 300, 5
+    cb = torch.randn(2, K, d)
+    cb[0, [3, 140, 260]] = 1.0  # exact copies
+    cb[1, 7, 2] = float("nan")
+    cb[1, 200, 0] = float("inf")
+    zbuf = torch.randn(2, 9, 2 * d)
+    z = zbuf.transpose(0, 1)[..., ::2]  # [9, 2, d], non-contiguous
+    z[0, 0] = 1.0
+    z[1, 1, 3] = float("nan")
+    z[2] = 0.0
+    idx, scores = torch.ops.fastvq_emu.mcq_search(z, cb, metric)
+    idx_ref, scores_ref = mcq_search_ref(z, cb, metric)
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(scores, scores_ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert idx[0, 0] == (3 if metric == "l2" else idx_ref[0, 0]) and idx[1, 1] == 0 and torch.isnan(scores[1, 1])
+    if BITWISE:
+        idx_cpu, scores_cpu = cpu_search(z, cb, metric)
+        assert torch.equal(idx, idx_cpu)
+        torch.testing.assert_close(scores, scores_cpu, rtol=0, atol=0, equal_nan=True)
+    e_idx, e_scores = torch.ops.fastvq_emu.mcq_search(torch.randn(0, 2, d), cb, metric)
+    assert e_idx.shape == (0, 2) and e_scores.shape == (0, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+def test_mcq_gather_emulated(schedule, dtype, index_dtype):
+    G, K, d = 3, 17, 5
+    cb = torch.randn(K, G, d).to(dtype).transpose(0, 1)
+    idx = torch.randint(0, K, (130, G)).to(index_dtype)
+    assert torch.equal(torch.ops.fastvq_emu.mcq_gather(idx, cb), fastvq.ops.mcq_gather(idx, cb))
+    idx_nc = torch.randint(0, K, (G, 9)).to(index_dtype).t()
+    assert torch.equal(torch.ops.fastvq_emu.mcq_gather(idx_nc, cb), fastvq.ops.mcq_gather(idx_nc, cb))
+
+
+def test_mcq_gather_emulated_out_of_range_traps():
+    cb = torch.randn(2, 4, 3)
+    idx = torch.zeros(5, 2, dtype=torch.long)
+    idx[3, 1] = 4
+    with pytest.raises(RuntimeError, match=r"__trap\(\) at mcq_cuda\.cu:\d+ in thread"):
+        torch.ops.fastvq_emu.mcq_gather(idx, cb)
+    # the emulator is usable again after an error
+    idx[3, 1] = 3
+    assert torch.equal(torch.ops.fastvq_emu.mcq_gather(idx, cb), fastvq.ops.mcq_gather(idx, cb))
+
+
+def test_os_thread_mode():
+    z, cb = make_inputs(70, 2, 129, 9, torch.float32)
+    emu.set_mode("threads")
+    try:
+        idx, scores = torch.ops.fastvq_emu.mcq_search(z, cb, "cosine")
+    finally:
+        emu.set_mode("fibers")
+    idx_f, scores_f = torch.ops.fastvq_emu.mcq_search(z, cb, "cosine")
+    assert torch.equal(idx, idx_f) and torch.equal(scores, scores_f)
+
+
+def test_bad_schedule_names():
+    with pytest.raises(RuntimeError, match="schedule must be forward, reverse or shuffled"):
+        emu.set_schedule("backwards")
+    with pytest.raises(RuntimeError, match="mode must be fibers or threads"):
+        emu.set_mode("gpu")
