@@ -79,6 +79,20 @@ def matmul_gflops(n: int = CEILING_MATMUL_SIZE, rounds: int = CEILING_ROUNDS) ->
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def copy_gbps(mib: int = 256, rounds: int = CEILING_ROUNDS) -> float:
+    """Memory bandwidth of a large fp32 ``Tensor.copy_`` (torch's default threads): bytes read + written
+    per second of the median of ``rounds`` copies after one warm-up, in GB/s."""
+    src = torch.randn(mib * 2**18, generator=torch.Generator().manual_seed(0))
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
 def faiss_info() -> dict[str, Any] | None:
     try:
         import faiss
@@ -96,5 +110,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "ceiling": {
             "what": f"torch.mm {CEILING_MATMUL_SIZE}x{CEILING_MATMUL_SIZE} fp32, median of {CEILING_ROUNDS}",
             "gflops": matmul_gflops(),
+            "bandwidth_what": f"Tensor.copy_ of 256 MiB fp32, read + write, median of {CEILING_ROUNDS}",
+            "gbps": copy_gbps(),
         },
     }

@@ -6,4 +6,11 @@
 #define FASTVQ_FOR_EACH_SCHEMA(X)                                                                    \
   /* Multi-codebook nearest-code search (UniTok MCQ). docs/ops/mcq.md */                             \
   X("mcq_search(Tensor z, Tensor codebooks, str metric=\"l2\") -> (Tensor indices, Tensor scores)") \
-  X("mcq_gather(Tensor indices, Tensor codebooks) -> Tensor")
+  X("mcq_gather(Tensor indices, Tensor codebooks) -> Tensor")                                         \
+  /* Lookup-free / binary quantization (MergeVQ LFQ, BSQ, UniWeTok). docs/ops/lfq.md */              \
+  X("lfq_quantize(Tensor z, int group_bits=0) -> (Tensor codes, Tensor ids)")                        \
+  X("lfq_codes_from_ids(Tensor ids, int dim, int group_bits=0, ScalarType? dtype=None) -> Tensor")  \
+  X("lfq_entropy(Tensor z, float temperature=0.01, int group_bits=0) -> "                            \
+    "(Tensor sample_entropy, Tensor codebook_entropy, Tensor code_probs)")                            \
+  X("lfq_entropy_backward(Tensor? grad_sample, Tensor? grad_codebook, Tensor? grad_code_probs, "     \
+    "Tensor z, Tensor code_probs, float temperature, int group_bits) -> Tensor")

@@ -64,18 +64,22 @@ def format_speedup(per_row: float, baseline: float | None) -> str:
     return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2g}x"
 
 
+OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize")
+
+
 def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
-    """Searches before gathers, multi-codebook cases first; within a case fastvq (auto ISA, then the
-    forced ones), the reference, faiss."""
+    """Ops in OP_ORDER, multi-codebook cases first, then by rows; within a case fastvq (auto ISA, then
+    the forced ones), the reference, faiss."""
     info = bench["extra_info"]
-    return (info["op"] != "mcq_search", -info["G"], info.get("metric", ""),
+    return (OP_ORDER.index(info["op"]), -info["G"], info["N"], info.get("metric", ""),
             ("fastvq", "reference", "faiss").index(info["impl"]),
             ("auto", "avx512", "avx2", "scalar").index(info.get("cpu_isa", "auto")))
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per benchmark: case, impl, rows, median, throughput, vs ref, vs faiss, % of ceiling."""
-    ceiling_flops = report["machine_info"]["fastvq"]["ceiling"]["gflops"] * 1e9
+    ceilings = report["machine_info"]["fastvq"]["ceiling"]
+    ceiling_flops = ceilings["gflops"] * 1e9
     benches = report["benchmarks"]
     # Per-row throughput of the baselines of each case, the denominators of the speed-ups.
     baselines = {(b["group"], b["extra_info"]["impl"]): b["extra_info"]["rows"] / b["stats"]["median"]
@@ -85,14 +89,19 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         info, median = b["extra_info"], b["stats"]["median"]
         per_row = info["rows"] / median
         ref, faiss = baselines.get((b["group"], "reference")), baselines.get((b["group"], "faiss"))
+        ceiling = "-"
         if "flops" in info:
             throughput = f"{per_row:,.0f} rows/s"
             ceiling = f"{info['flops'] / median / ceiling_flops:.1%}"
-        else:
+        elif "bytes" in info:
             throughput = f"{info['bytes'] / median / 1e9:.2f} GB/s"
-            ceiling = "-"
+            if "gbps" in ceilings:
+                ceiling = f"{info['bytes'] / median / 1e9 / ceilings['gbps']:.1%}"
+        else:
+            throughput = f"{per_row:,.0f} rows/s"
+        peak = f"{info['peak_bytes'] / 2**20:,.1f} MB" if "peak_bytes" in info else "-"
         rows.append([b["group"], impl_label(info), f"{info['rows']:,}", format_time(median), throughput,
-                     format_speedup(per_row, ref), format_speedup(per_row, faiss), ceiling])
+                     format_speedup(per_row, ref), format_speedup(per_row, faiss), ceiling, peak])
     return rows
 
 
@@ -122,14 +131,16 @@ def format_header(report: dict[str, Any]) -> str:
         f"torch    {ours['torch']}, {ours['torch_threads']} threads",
         f"faiss    {faiss_line}",
         f"ceiling  {ceiling['gflops']:.1f} GFLOP/s ({ceiling['what']})",
+        *([f"         {ceiling['gbps']:.1f} GB/s ({ceiling['bandwidth_what']})"] if "gbps" in ceiling else []),
     ])
 
 
-TABLE_HEADER = ["case (op metric NxGxKxd)", "impl", "rows", "median", "throughput",
-                "vs ref", "vs faiss", "% ceiling"]
+TABLE_HEADER = ["case", "impl", "rows", "median", "throughput",
+                "vs ref", "vs faiss", "% ceiling", "peak mem"]
 TABLE_NOTES = ("rows: rows of z timed (the reference times the first rows of the case); "
                "speed-ups compare rows/s.\n% ceiling: search GFLOP/s (2*rows*G*K*d / median) "
-               "over the fp32 matmul GFLOP/s above.")
+               "over the fp32 matmul GFLOP/s above; GB/s rows: over the copy bandwidth above.\npeak mem: peak RSS increase of one call "
+               "(lfq_entropy: forward + backward), in a fresh process.")
 
 
 def main(argv: list[str] | None = None) -> int:

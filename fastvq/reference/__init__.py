@@ -1,4 +1,15 @@
 """Pure-PyTorch references of every fastvq op: the oracles the tests compare kernels against."""
+from fastvq.reference.lfq import (
+    lfq_codes_from_ids_ref,
+    lfq_entropy_factorized_ref,
+    lfq_entropy_ref,
+    lfq_loss_ref,
+    lfq_quantize_ref,
+)
 from fastvq.reference.mcq import mcq_gather_ref, mcq_search_ref, multi_codebook_quantize_ref
 
-__all__ = ["mcq_search_ref", "mcq_gather_ref", "multi_codebook_quantize_ref"]
+__all__ = [
+    "mcq_search_ref", "mcq_gather_ref", "multi_codebook_quantize_ref",
+    "lfq_quantize_ref", "lfq_codes_from_ids_ref", "lfq_entropy_ref", "lfq_entropy_factorized_ref",
+    "lfq_loss_ref",
+]

@@ -1,0 +1,97 @@
+"""Benchmarks of the lfq ops against their pure-PyTorch references.
+
+- ``lfq_entropy`` loss forward + backward (MergeVQ's LFQ: D = 18 bits, one group, temperature 0.01):
+  fastvq's factorised op against ``lfq_entropy_ref``, the full-logit softmax over all 2^18 codes as the
+  public implementations compute it. The reference materialises [rows, 2^18] matrices, so it is timed
+  on the first ``REF_ROWS`` rows; speed-ups compare per row. ``peak_bytes`` in ``extra_info`` is the
+  peak resident-memory increase of one forward + backward, measured in a fresh process.
+- ``lfq_quantize`` (sign + bit packing): memory-bound; ``bytes`` = z read + codes and ids written.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from fastvq.ops import lfq_entropy, lfq_quantize
+from fastvq.reference import lfq_entropy_ref, lfq_quantize_ref
+
+if TYPE_CHECKING:
+    from conftest import BenchConfig
+    from pytest_benchmark.fixture import BenchmarkFixture
+
+REF_ROWS = 1024  # the reference's [rows, 2^18] float32 logits, softmax and log: ~3 GB at 1,024 rows
+D, TEMPERATURE = 18, 0.01
+
+
+def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], object], group: str,
+        **info: object) -> None:
+    start = time.perf_counter()
+    fn()
+    benchmark.group = group
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(fn, rounds=config.rounds(time.perf_counter() - start))
+
+
+def peak_bytes(impl: str, rows: int) -> int:
+    """Peak RSS increase of one entropy loss forward + backward on ``rows`` rows, in a fresh process
+    (inputs are created before the baseline is taken)."""
+    code = textwrap.dedent(f"""
+        import resource, torch, fastvq
+        from fastvq.ops import lfq_entropy
+        from fastvq.reference import lfq_entropy_ref, lfq_quantize_ref
+        fn = {{"fastvq": lfq_entropy, "reference": lfq_entropy_ref}}["{impl}"]
+        z = torch.randn({rows}, {D}, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        small = torch.randn(8, {D}).requires_grad_()
+        s, c = fn(small, {TEMPERATURE})[:2]; (s - c).backward()       # warm-up: allocator, lazy init
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        s, c = fn(z, {TEMPERATURE})[:2]; (s - c).backward()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+ENTROPY_IMPLS = {"fastvq": lfq_entropy, "reference": lfq_entropy_ref}
+
+
+@pytest.mark.parametrize("n", [1024, 65536])
+@pytest.mark.parametrize("impl", ENTROPY_IMPLS)
+def test_entropy_loss(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, n: int) -> None:
+    n = bench_config.scaled(n)
+    rows = min(n, REF_ROWS) if impl == "reference" else n
+    z = torch.randn(n, D, generator=torch.Generator().manual_seed(0))[:rows].requires_grad_()
+    fn = ENTROPY_IMPLS[impl]
+
+    def loss_forward_backward() -> None:
+        sample, codebook = fn(z, TEMPERATURE)[:2]
+        (sample - codebook).backward()
+        z.grad = None
+
+    # Peak memory only where the timed rows are the whole case (a row subset's memory says nothing of N's).
+    memory = {"peak_bytes": peak_bytes(impl, rows)} if rows == n else {}
+    run(benchmark, bench_config, loss_forward_backward, f"lfq_entropy fwd+bwd D={D} N={n}",
+        op="lfq_entropy", impl=impl, N=n, rows=rows, G=1, **memory)
+
+
+QUANTIZE_IMPLS = {"fastvq": lfq_quantize, "reference": lfq_quantize_ref}
+
+
+@pytest.mark.parametrize(("dim", "group_bits"), [(18, 0), (128, 8)])
+@pytest.mark.parametrize("impl", QUANTIZE_IMPLS)
+def test_quantize(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, dim: int,
+                  group_bits: int) -> None:
+    """Both allocate their outputs per call; on the CPU the first touch of a fresh large allocation
+    (page faults) costs more than the kernel's own reads and writes."""
+    n = bench_config.scaled(65536)
+    z = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    groups = dim // (group_bits or dim)
+    quantize = QUANTIZE_IMPLS[impl]
+    run(benchmark, bench_config, lambda: quantize(z, group_bits), f"lfq_quantize {n}x{dim} g={group_bits}",
+        op="lfq_quantize", impl=impl, N=n, rows=n, G=groups, bytes=2 * z.nbytes + n * groups * 8)

@@ -1,0 +1,160 @@
+// CPU host functions of the lfq ops: checks and allocation (lfq_host.h), and parallel loops over the
+// shared per-(row, group) functions of lfq.h.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "lfq/lfq_host.h"
+
+namespace fastvq {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void entropy_rows_cpu(const LfqEntropyParams<acc_t>& p, bool backward) {
+  const int64_t G = p.D / p.g, A = int64_t{1} << p.a, B = int64_t{1} << p.b;
+  const int64_t S = int64_t{1} << (std::max(p.a, p.b) > 0 ? std::max(p.a, p.b) - 1 : 0);
+  const scalar_t* z = static_cast<const scalar_t*>(p.z);
+  const int64_t work = (backward ? p.g : 1) * (A + B);
+  at::parallel_for(0, p.rows * G, std::max<int64_t>(1, 16384 / work), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / G, grp = i % G, n = p.row0 + r, slot = grp * p.rows + r;
+      const scalar_t* zg = z + n * p.z_stride_n + grp * p.g * p.z_stride_d;
+      if (!backward) {
+        lfq_entropy_forward_group<scalar_t, acc_t>(zg, p.z_stride_d, p.a, p.b, p.scale, p.pa + slot * A,
+                                                   p.pb + slot * B, p.h_rows ? p.h_rows + n * G + grp : nullptr);
+      } else {
+        acc_t* gz = p.grad_z + n * p.D + grp * p.g;
+        lfq_entropy_backward_half<scalar_t, acc_t>(zg, p.z_stride_d, p.a, p.scale, p.wa + slot * A, *p.grad_h,
+                                                   p.scratch + slot * S, gz);
+        lfq_entropy_backward_half<scalar_t, acc_t>(zg + p.a * p.z_stride_d, p.z_stride_d, p.b, p.scale,
+                                                   p.wb + slot * B, *p.grad_h, p.scratch + slot * S, gz + p.a);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// z [..., D] -> (codes [..., D] in z's dtype, ids [...] or [..., D/g] int64)
+std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t group_bits) {
+  lfq_check_z("lfq_quantize", z);
+  const int64_t D = z.size(-1), N = lfq_rows(z, 1);
+  const int64_t g = lfq_group_width("lfq_quantize", D, group_bits, kLfqMaxIdBits), G = D / g;
+  at::Tensor codes = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  auto id_shape = z.sizes().vec();
+  id_shape.pop_back();
+  if (group_bits != 0) id_shape.push_back(G);
+  at::Tensor ids = at::empty(id_shape, z.options().dtype(at::kLong));
+  if (N == 0) return {codes, ids};
+  const at::Tensor z2 = z.reshape({N, D});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_quantize_cpu", [&] {
+    const scalar_t* zp = z2.data_ptr<scalar_t>();
+    scalar_t* cp = codes.data_ptr<scalar_t>();
+    int64_t* ip = ids.data_ptr<int64_t>();
+    const int64_t sn = z2.stride(0), sd = z2.stride(1);
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / D), [&](int64_t b, int64_t e) {
+      // A compile-time unit stride for contiguous rows lets the compiler vectorise the group loop.
+      auto rows = [&](auto stride_d) {
+        for (int64_t n = b; n < e; ++n) {
+          for (int64_t grp = 0; grp < G; ++grp) {
+            ip[n * G + grp] = lfq_quantize_group<scalar_t>(zp + n * sn + grp * g * stride_d, stride_d, g,
+                                                           cp + n * D + grp * g);
+          }
+        }
+      };
+      if (sd == 1) {
+        rows(std::integral_constant<int64_t, 1>{});
+      } else {
+        rows(sd);
+      }
+    });
+  });
+  return {codes, ids};
+}
+
+// ids [...] or [..., dim/g] int64 -> codes [..., dim] of +-1
+at::Tensor lfq_codes_from_ids_cpu(const at::Tensor& ids, int64_t dim, int64_t group_bits,
+                                  std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "lfq_codes_from_ids: ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(dim >= 1, "lfq_codes_from_ids: dim must be >= 1, got ", dim);
+  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
+  TORCH_CHECK(lfq_is_float(out_dtype), "lfq_codes_from_ids: dtype must be a floating type, got ", out_dtype);
+  const int64_t g = lfq_group_width("lfq_codes_from_ids", dim, group_bits, kLfqMaxIdBits), G = dim / g;
+  if (group_bits != 0) {
+    TORCH_CHECK(ids.dim() >= 1 && ids.size(-1) == G, "lfq_codes_from_ids: ids must be [..., dim / group_bits] = [..., ",
+                G, "], got shape ", ids.sizes());
+  }
+  auto shape = ids.sizes().vec();
+  if (group_bits != 0) shape.pop_back();
+  shape.push_back(dim);
+  at::Tensor codes = at::empty(shape, ids.options().dtype(out_dtype));
+  const int64_t N = codes.numel() / dim;
+  if (N == 0) return codes;
+  const at::Tensor ids2 = ids.reshape({N, G});
+  const int64_t* ip = ids2.data_ptr<int64_t>();
+  const int64_t sn = ids2.stride(0), sg = ids2.stride(1);
+  std::atomic<int64_t> first_bad{-1};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "lfq_codes_from_ids_cpu", [&] {
+    scalar_t* cp = codes.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / dim), [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        for (int64_t grp = 0; grp < G; ++grp) {
+          const int64_t id = ip[n * sn + grp * sg];
+          if (!lfq_id_valid(id, g)) {
+            int64_t cur = first_bad.load();
+            while ((cur < 0 || n * G + grp < cur) && !first_bad.compare_exchange_weak(cur, n * G + grp)) {
+            }
+            continue;
+          }
+          lfq_unpack_group<scalar_t>(id, g, cp + n * dim + grp * g);
+        }
+      }
+    });
+  });
+  if (const int64_t bad = first_bad.load(); bad >= 0) {
+    TORCH_CHECK(false, "lfq_codes_from_ids: ids must be in [0, 2^", g, "), got ", ip[(bad / G) * sn + (bad % G) * sg],
+                " at row ", bad / G, ", group ", bad % G);
+  }
+  return codes;
+}
+
+// z [..., D] -> (sample_entropy [], codebook_entropy [], code_probs [G, 2^g]); float64 for float64 z, else float32
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_cpu(const at::Tensor& z, double temperature,
+                                                               int64_t group_bits) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  lfq_check_z("lfq_entropy", z);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    out = lfq_entropy_forward_impl<acc_t>(z, temperature, group_bits, [](const LfqEntropyParams<acc_t>& p, bool bw) {
+      entropy_rows_cpu<scalar_t, acc_t>(p, bw);
+    });
+  });
+  return out;
+}
+
+at::Tensor lfq_entropy_backward_cpu(const std::optional<at::Tensor>& grad_sample,
+                                    const std::optional<at::Tensor>& grad_codebook,
+                                    const std::optional<at::Tensor>& grad_code_probs, const at::Tensor& z,
+                                    const at::Tensor& code_probs, double temperature, int64_t group_bits) {
+  at::Tensor out;
+  lfq_check_z("lfq_entropy_backward", z);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    out = lfq_entropy_backward_impl<acc_t>(grad_sample, grad_codebook, grad_code_probs, z, code_probs, temperature,
+                                           group_bits, [](const LfqEntropyParams<acc_t>& p, bool bw) {
+                                             entropy_rows_cpu<scalar_t, acc_t>(p, bw);
+                                           });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
+  m.impl("lfq_quantize", &lfq_quantize_cpu);
+  m.impl("lfq_codes_from_ids", &lfq_codes_from_ids_cpu);
+  m.impl("lfq_entropy", &lfq_entropy_cpu);
+  m.impl("lfq_entropy_backward", &lfq_entropy_backward_cpu);
+}
+
+}  // namespace fastvq

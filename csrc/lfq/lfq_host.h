@@ -1,0 +1,166 @@
+// ATen-side pieces of the lfq ops shared by the CPU and CUDA host code: argument checks, and the entropy
+// orchestration (row chunks, the P_B^T P_A GEMM, the codebook entropy), written once over the backend's
+// row kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "lfq/lfq.h"
+
+namespace fastvq {
+
+constexpr int64_t kLfqMaxIdBits = 62;       // an id is a non-negative int64
+constexpr int64_t kLfqMaxEntropyBits = 24;  // exact code distribution: 2^g entries per group
+
+inline bool lfq_is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// Bits per group for a [..., D] tensor: D when group_bits == 0, else group_bits (which must divide D).
+inline int64_t lfq_group_width(const char* op, int64_t D, int64_t group_bits, int64_t max_bits) {
+  TORCH_CHECK(group_bits >= 0, op, ": group_bits must be >= 0, got ", group_bits);
+  if (group_bits == 0) {
+    TORCH_CHECK(D <= max_bits, op, ": D=", D, " needs group_bits (one group of more than ", max_bits,
+                max_bits == kLfqMaxIdBits ? " bits does not fit an int64 id)" : " bits has no exact codebook entropy)");
+    return D;
+  }
+  TORCH_CHECK(group_bits <= max_bits, op, ": group_bits must be <= ", max_bits, ", got ", group_bits);
+  TORCH_CHECK(D % group_bits == 0, op, ": D=", D, " must be divisible by group_bits=", group_bits);
+  return group_bits;
+}
+
+inline void lfq_check_z(const char* op, const at::Tensor& z) {
+  TORCH_CHECK(lfq_is_float(z.scalar_type()), op, ": z must be float32, float16, bfloat16 or float64, got ",
+              z.scalar_type());
+  TORCH_CHECK(z.dim() >= 1 && z.size(-1) >= 1, op, ": z must be [..., D] with D >= 1, got shape ", z.sizes());
+}
+
+inline int64_t lfq_rows(const at::Tensor& t, int64_t trailing) {
+  int64_t n = 1;
+  for (int64_t i = 0; i < t.dim() - trailing; ++i) n *= t.size(i);
+  return n;
+}
+
+// ---- entropy ---------------------------------------------------------------------------------------
+
+struct LfqEntropyShape {
+  int64_t N, D, g, G, a, b;
+};
+
+inline LfqEntropyShape lfq_entropy_shape(const at::Tensor& z, double temperature, int64_t group_bits) {
+  lfq_check_z("lfq_entropy", z);
+  TORCH_CHECK(temperature > 0.0, "lfq_entropy: temperature must be > 0, got ", temperature);
+  const int64_t D = z.size(-1);
+  const int64_t N = lfq_rows(z, 1);
+  TORCH_CHECK(N >= 1, "lfq_entropy: z must have at least one row, got shape ", z.sizes());
+  TORCH_CHECK(group_bits == 0 || group_bits <= kLfqMaxEntropyBits,
+              "lfq_entropy: an exact whole-codebook entropy needs group bits <= ", kLfqMaxEntropyBits, ", got ",
+              group_bits);
+  const int64_t g = lfq_group_width("lfq_entropy", D, group_bits, kLfqMaxEntropyBits);
+  const int64_t a = g / 2;
+  return {N, D, g, D / g, a, g - a};
+}
+
+// Rows per chunk: P_A and P_B of a chunk take at most ~64 MB.
+inline int64_t lfq_chunk_rows(const LfqEntropyShape& s, int64_t elem) {
+  const int64_t per_row = s.G * ((int64_t{1} << s.a) + (int64_t{1} << s.b)) * elem;
+  return std::max<int64_t>(1, std::min<int64_t>(s.N, (int64_t{64} << 20) / per_row));
+}
+
+template <typename acc_t>
+LfqEntropyParams<acc_t> lfq_entropy_params(const at::Tensor& z2, const LfqEntropyShape& s, double temperature) {
+  LfqEntropyParams<acc_t> p{};
+  p.z = z2.data_ptr();
+  p.z_stride_n = z2.stride(0), p.z_stride_d = z2.stride(1);
+  p.N = s.N, p.D = s.D, p.g = s.g, p.a = s.a, p.b = s.b;
+  p.scale = static_cast<acc_t>(4.0 / temperature);
+  return p;
+}
+
+// Forward over row chunks. run_rows(params, false) fills pa / pb (and h_rows) for rows [row0, row0 + rows).
+template <typename acc_t, typename RunRows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_forward_impl(const at::Tensor& z, double temperature,
+                                                                        int64_t group_bits, RunRows&& run_rows) {
+  const LfqEntropyShape s = lfq_entropy_shape(z, temperature, group_bits);
+  const auto opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor z2 = z.reshape({s.N, s.D});
+  at::Tensor probs_t = at::zeros({s.G, int64_t{1} << s.b, int64_t{1} << s.a}, opts);  // [G, 2^b, 2^a]
+  at::Tensor h_rows = at::empty({s.N, s.G}, opts);
+  LfqEntropyParams<acc_t> p = lfq_entropy_params<acc_t>(z2, s, temperature);
+  p.h_rows = h_rows.data_ptr<acc_t>();
+  const int64_t chunk = lfq_chunk_rows(s, sizeof(acc_t));
+  for (int64_t r0 = 0; r0 < s.N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, s.N - r0);
+    at::Tensor pa = at::empty({s.G, rows, int64_t{1} << s.a}, opts);
+    at::Tensor pb = at::empty({s.G, rows, int64_t{1} << s.b}, opts);
+    p.row0 = r0, p.rows = rows, p.pa = pa.data_ptr<acc_t>(), p.pb = pb.data_ptr<acc_t>();
+    run_rows(p, /*backward=*/false);
+    probs_t.baddbmm_(pb.transpose(1, 2), pa);  // += P_B^T P_A per group
+  }
+  at::Tensor code_probs = probs_t.div_(static_cast<double>(s.N)).reshape({s.G, int64_t{1} << s.g});
+  at::Tensor sample = h_rows.sum().div_(static_cast<double>(s.N * s.G));
+  const double tiny = std::numeric_limits<acc_t>::min();
+  at::Tensor codebook = code_probs.mul(code_probs.clamp_min(tiny).log()).sum(-1).mean().neg_();
+  return {sample, codebook, code_probs};
+}
+
+// Backward over row chunks: run_rows(params, false) recomputes pa / pb, run_rows(params, true) writes the
+// chunk's grad_z rows from wa / wb.
+template <typename acc_t, typename RunRows>
+at::Tensor lfq_entropy_backward_impl(const std::optional<at::Tensor>& grad_sample,
+                                     const std::optional<at::Tensor>& grad_codebook,
+                                     const std::optional<at::Tensor>& grad_code_probs, const at::Tensor& z,
+                                     const at::Tensor& code_probs, double temperature, int64_t group_bits,
+                                     RunRows&& run_rows) {
+  const LfqEntropyShape s = lfq_entropy_shape(z, temperature, group_bits);
+  const auto opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  TORCH_CHECK(code_probs.sizes() == at::IntArrayRef({s.G, int64_t{1} << s.g}) && code_probs.scalar_type() == opts.dtype(),
+              "lfq_entropy_backward: code_probs must be the forward's [G, 2^g] output, got ", code_probs.sizes());
+  // dL/dq: the codebook entropy term -q log max(q, tiny), averaged over groups, plus any direct gradient.
+  const double tiny = std::numeric_limits<acc_t>::min();
+  at::Tensor gq = at::zeros({s.G, int64_t{1} << s.g}, opts);
+  if (grad_codebook.has_value() && grad_codebook->defined()) {
+    at::Tensor dh = code_probs.clamp_min(tiny).log().add_(code_probs.gt(tiny).to(opts.dtype())).neg_();
+    gq.add_(dh.mul_(grad_codebook->to(opts.dtype()).div(static_cast<double>(s.G))));
+  }
+  if (grad_code_probs.has_value() && grad_code_probs->defined()) gq.add_(grad_code_probs->to(opts.dtype()));
+  const at::Tensor gt = gq.view({s.G, int64_t{1} << s.b, int64_t{1} << s.a}).div(static_cast<double>(s.N));
+  at::Tensor grad_h = (grad_sample.has_value() && grad_sample->defined())
+                          ? grad_sample->to(opts.dtype()).div(static_cast<double>(s.N * s.G)).contiguous()
+                          : at::zeros({}, opts);
+
+  const at::Tensor z2 = z.reshape({s.N, s.D});
+  at::Tensor grad_z = at::empty({s.N, s.D}, opts);
+  LfqEntropyParams<acc_t> p = lfq_entropy_params<acc_t>(z2, s, temperature);
+  p.grad_h = grad_h.data_ptr<acc_t>();
+  p.grad_z = grad_z.data_ptr<acc_t>();
+  const int64_t chunk = lfq_chunk_rows(s, 2 * sizeof(acc_t));
+  const int64_t scratch_len = int64_t{1} << (std::max(s.a, s.b) > 0 ? std::max(s.a, s.b) - 1 : 0);
+  for (int64_t r0 = 0; r0 < s.N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, s.N - r0);
+    at::Tensor pa = at::empty({s.G, rows, int64_t{1} << s.a}, opts);
+    at::Tensor pb = at::empty({s.G, rows, int64_t{1} << s.b}, opts);
+    at::Tensor scratch = at::empty({s.G, rows, scratch_len}, opts);
+    p.row0 = r0, p.rows = rows, p.pa = pa.data_ptr<acc_t>(), p.pb = pb.data_ptr<acc_t>(), p.h_rows = nullptr;
+    p.scratch = scratch.data_ptr<acc_t>();
+    p.wa = nullptr, p.wb = nullptr;
+    run_rows(p, /*backward=*/false);  // recompute the expansions
+    const at::Tensor wa = at::bmm(pb, gt).contiguous();                   // [G, rows, 2^a] = P_B Gt / N
+    const at::Tensor wb = at::bmm(pa, gt.transpose(1, 2)).contiguous();   // [G, rows, 2^b] = P_A Gt^T / N
+    p.wa = wa.data_ptr<acc_t>(), p.wb = wb.data_ptr<acc_t>();
+    run_rows(p, /*backward=*/true);
+  }
+  return grad_z.to(z.scalar_type()).view(z.sizes());
+}
+
+}  // namespace fastvq
