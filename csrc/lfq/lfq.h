@@ -121,20 +121,23 @@ FASTVQ_HOST_DEVICE bool lfq_id_valid(int64_t id, int64_t g) { return id >= 0 && 
 
 // ---- entropy: one (row, group) ---------------------------------------------------------------------
 
+// One doubling step of an expansion: out[0, half) holds the product over the bits so far; multiply in a
+// new top bit with logit x, giving out[0, 2 half).
+template <typename acc_t>
+FASTVQ_HOST_DEVICE void lfq_expand_bit(acc_t* out, int64_t half, acc_t x) {
+  const acc_t p1 = lfq_sigmoid(x), p0 = lfq_sigmoid(-x);
+  for (int64_t c = 0; c < half; ++c) {
+    out[c + half] = out[c] * p1;
+    out[c] *= p0;
+  }
+}
+
 // out[c] = prod_{i < m} p_i(c_i) for c in [0, 2^m), p_i from the logits of dims [0, m) at z: in-place
 // doubling, m multiplies per entry overall.
 template <typename scalar_t, typename acc_t>
 FASTVQ_HOST_DEVICE void lfq_expand(const scalar_t* z, int64_t stride_d, int64_t m, acc_t scale, acc_t* out) {
   out[0] = acc_t(1);
-  for (int64_t i = 0; i < m; ++i) {
-    const acc_t x = lfq_logit<scalar_t, acc_t>(z, stride_d, i, scale);
-    const acc_t p1 = lfq_sigmoid(x), p0 = lfq_sigmoid(-x);
-    const int64_t half = int64_t{1} << i;
-    for (int64_t c = 0; c < half; ++c) {
-      out[c + half] = out[c] * p1;
-      out[c] *= p0;
-    }
-  }
+  for (int64_t i = 0; i < m; ++i) lfq_expand_bit(out, int64_t{1} << i, lfq_logit<scalar_t, acc_t>(z, stride_d, i, scale));
 }
 
 // Forward of one (row, group): P_A and P_B rows, and the sum of the group's binary entropies.
@@ -159,17 +162,8 @@ FASTVQ_HOST_DEVICE void lfq_entropy_backward_half(const scalar_t* z, int64_t str
                                                   const acc_t* w, acc_t grad_h, acc_t* scratch, acc_t* grad_z) {
   for (int64_t j = 0; j < m; ++j) {
     scratch[0] = acc_t(1);
-    int64_t k = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      if (i == j) continue;
-      const acc_t x = lfq_logit<scalar_t, acc_t>(z, stride_d, i, scale);
-      const acc_t p1 = lfq_sigmoid(x), p0 = lfq_sigmoid(-x);
-      const int64_t half = int64_t{1} << k;
-      for (int64_t c = 0; c < half; ++c) {
-        scratch[c + half] = scratch[c] * p1;
-        scratch[c] *= p0;
-      }
-      ++k;
+    for (int64_t i = 0, k = 0; i < m; ++i) {
+      if (i != j) lfq_expand_bit(scratch, int64_t{1} << k++, lfq_logit<scalar_t, acc_t>(z, stride_d, i, scale));
     }
     const int64_t low_mask = (int64_t{1} << j) - 1;
     acc_t d = acc_t(0);

@@ -39,16 +39,12 @@ void entropy_rows_cpu(const LfqEntropyParams<acc_t>& p, bool backward) {
 
 // z [..., D] -> (codes [..., D] in z's dtype, ids [...] or [..., D/g] int64)
 std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t group_bits) {
-  lfq_check_z("lfq_quantize", z);
-  const int64_t D = z.size(-1), N = lfq_rows(z, 1);
-  const int64_t g = lfq_group_width("lfq_quantize", D, group_bits, kLfqMaxIdBits), G = D / g;
-  at::Tensor codes = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  auto id_shape = z.sizes().vec();
-  id_shape.pop_back();
-  if (group_bits != 0) id_shape.push_back(G);
-  at::Tensor ids = at::empty(id_shape, z.options().dtype(at::kLong));
-  if (N == 0) return {codes, ids};
-  const at::Tensor z2 = z.reshape({N, D});
+  LfqQuantizeSetup st = lfq_quantize_setup(z, group_bits);
+  if (st.N == 0) return {st.codes, st.ids};
+  const int64_t N = st.N, D = st.D, g = st.g, G = st.G;
+  const at::Tensor& z2 = st.z2;
+  at::Tensor& codes = st.codes;
+  at::Tensor& ids = st.ids;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_quantize_cpu", [&] {
     const scalar_t* zp = z2.data_ptr<scalar_t>();
     scalar_t* cp = codes.data_ptr<scalar_t>();
@@ -71,32 +67,21 @@ std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t
       }
     });
   });
-  return {codes, ids};
+  return {st.codes, st.ids};
 }
 
 // ids [...] or [..., dim/g] int64 -> codes [..., dim] of +-1
 at::Tensor lfq_codes_from_ids_cpu(const at::Tensor& ids, int64_t dim, int64_t group_bits,
                                   std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong, "lfq_codes_from_ids: ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK(dim >= 1, "lfq_codes_from_ids: dim must be >= 1, got ", dim);
-  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK(lfq_is_float(out_dtype), "lfq_codes_from_ids: dtype must be a floating type, got ", out_dtype);
-  const int64_t g = lfq_group_width("lfq_codes_from_ids", dim, group_bits, kLfqMaxIdBits), G = dim / g;
-  if (group_bits != 0) {
-    TORCH_CHECK(ids.dim() >= 1 && ids.size(-1) == G, "lfq_codes_from_ids: ids must be [..., dim / group_bits] = [..., ",
-                G, "], got shape ", ids.sizes());
-  }
-  auto shape = ids.sizes().vec();
-  if (group_bits != 0) shape.pop_back();
-  shape.push_back(dim);
-  at::Tensor codes = at::empty(shape, ids.options().dtype(out_dtype));
-  const int64_t N = codes.numel() / dim;
-  if (N == 0) return codes;
-  const at::Tensor ids2 = ids.reshape({N, G});
+  LfqUnpackSetup st = lfq_codes_from_ids_setup(ids, dim, group_bits, dtype);
+  if (st.N == 0) return st.codes;
+  const int64_t N = st.N, g = st.g, G = st.G;
+  const at::Tensor& ids2 = st.ids2;
+  at::Tensor& codes = st.codes;
   const int64_t* ip = ids2.data_ptr<int64_t>();
   const int64_t sn = ids2.stride(0), sg = ids2.stride(1);
   std::atomic<int64_t> first_bad{-1};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "lfq_codes_from_ids_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "lfq_codes_from_ids_cpu", [&] {
     scalar_t* cp = codes.data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, 32768 / dim), [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) {

@@ -51,6 +51,58 @@ inline int64_t lfq_rows(const at::Tensor& t, int64_t trailing) {
   return n;
 }
 
+// ---- quantize / unpack -----------------------------------------------------------------------------
+
+struct LfqQuantizeSetup {
+  int64_t N, D, g, G;
+  at::Tensor z2;     // z viewed (or copied) as [N, D]
+  at::Tensor codes;  // [..., D] contiguous, z's dtype
+  at::Tensor ids;    // [...] or [..., G] int64
+};
+
+// z [..., D] -> checked shape and allocated outputs of lfq_quantize.
+inline LfqQuantizeSetup lfq_quantize_setup(const at::Tensor& z, int64_t group_bits) {
+  lfq_check_z("lfq_quantize", z);
+  LfqQuantizeSetup s;
+  s.D = z.size(-1), s.N = lfq_rows(z, 1);
+  s.g = lfq_group_width("lfq_quantize", s.D, group_bits, kLfqMaxIdBits), s.G = s.D / s.g;
+  s.codes = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  auto id_shape = z.sizes().vec();
+  id_shape.pop_back();
+  if (group_bits != 0) id_shape.push_back(s.G);
+  s.ids = at::empty(id_shape, z.options().dtype(at::kLong));
+  if (s.N > 0) s.z2 = z.reshape({s.N, s.D});
+  return s;
+}
+
+struct LfqUnpackSetup {
+  int64_t N, g, G;
+  at::Tensor ids2;   // ids viewed (or copied) as [N, G]
+  at::Tensor codes;  // [..., dim]
+};
+
+// ids [...] or [..., dim / g] int64 -> checked shape and the allocated codes of lfq_codes_from_ids.
+inline LfqUnpackSetup lfq_codes_from_ids_setup(const at::Tensor& ids, int64_t dim, int64_t group_bits,
+                                               std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "lfq_codes_from_ids: ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(dim >= 1, "lfq_codes_from_ids: dim must be >= 1, got ", dim);
+  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
+  TORCH_CHECK(lfq_is_float(out_dtype), "lfq_codes_from_ids: dtype must be a floating type, got ", out_dtype);
+  LfqUnpackSetup s;
+  s.g = lfq_group_width("lfq_codes_from_ids", dim, group_bits, kLfqMaxIdBits), s.G = dim / s.g;
+  if (group_bits != 0) {
+    TORCH_CHECK(ids.dim() >= 1 && ids.size(-1) == s.G, "lfq_codes_from_ids: ids must be [..., dim / group_bits] = [..., ",
+                s.G, "], got shape ", ids.sizes());
+  }
+  auto shape = ids.sizes().vec();
+  if (group_bits != 0) shape.pop_back();
+  shape.push_back(dim);
+  s.codes = at::empty(shape, ids.options().dtype(out_dtype));
+  s.N = s.codes.numel() / dim;
+  if (s.N > 0) s.ids2 = ids.reshape({s.N, s.G});
+  return s;
+}
+
 // ---- entropy ---------------------------------------------------------------------------------------
 
 struct LfqEntropyShape {
