@@ -6,6 +6,7 @@
   on the first ``REF_ROWS`` rows; speed-ups compare per row. ``peak_bytes`` in ``extra_info`` is the
   peak resident-memory increase of one forward + backward, measured in a fresh process.
 - ``lfq_quantize`` (sign + bit packing): memory-bound; ``bytes`` = z read + codes and ids written.
+- ``lfq_codes_from_ids`` (unpacking): memory-bound; ``bytes`` = ids read + float32 codes written.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from fastvq.ops import lfq_entropy, lfq_quantize
-from fastvq.reference import lfq_entropy_ref, lfq_quantize_ref
+from fastvq.ops import lfq_codes_from_ids, lfq_entropy, lfq_quantize
+from fastvq.reference import lfq_codes_from_ids_ref, lfq_entropy_ref, lfq_quantize_ref
 
 if TYPE_CHECKING:
     from conftest import BenchConfig
@@ -95,3 +96,19 @@ def test_quantize(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: 
     quantize = QUANTIZE_IMPLS[impl]
     run(benchmark, bench_config, lambda: quantize(z, group_bits), f"lfq_quantize {n}x{dim} g={group_bits}",
         op="lfq_quantize", impl=impl, N=n, rows=n, G=groups, bytes=2 * z.nbytes + n * groups * 8)
+
+
+UNPACK_IMPLS = {"fastvq": lfq_codes_from_ids, "reference": lfq_codes_from_ids_ref}
+
+
+@pytest.mark.parametrize(("dim", "group_bits"), [(18, 0), (128, 8)])
+@pytest.mark.parametrize("impl", UNPACK_IMPLS)
+def test_codes_from_ids(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, dim: int,
+                        group_bits: int) -> None:
+    n = bench_config.scaled(65536)
+    g = group_bits or dim
+    shape = (n,) if group_bits == 0 else (n, dim // g)
+    ids = torch.randint(0, 2**g, shape, generator=torch.Generator().manual_seed(0))
+    unpack = UNPACK_IMPLS[impl]
+    run(benchmark, bench_config, lambda: unpack(ids, dim, group_bits), f"lfq_codes_from_ids {n}x{dim} g={group_bits}",
+        op="lfq_codes_from_ids", impl=impl, N=n, rows=n, G=dim // g, bytes=ids.nbytes + n * dim * 4)

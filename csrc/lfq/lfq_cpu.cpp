@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
+#include <cstring>
 
 #include "lfq/lfq_host.h"
 
@@ -35,6 +37,43 @@ void entropy_rows_cpu(const LfqEntropyParams<acc_t>& p, bool backward) {
   });
 }
 
+// The +-1 codes of every byte value, 8 per byte (bit j -> entry j): unpacking copies 8 codes per id byte.
+template <typename scalar_t>
+const scalar_t* byte_codes_table() {
+  static const std::array<scalar_t, 256 * 8> table = [] {
+    std::array<scalar_t, 256 * 8> t{};
+    for (int b = 0; b < 256; ++b) lfq_unpack_group<scalar_t>(b, 8, t.data() + b * 8);
+    return t;
+  }();
+  return table.data();
+}
+
+// lfq_unpack_group's result, a byte of the id at a time.
+template <typename scalar_t>
+void unpack_group_bytes(int64_t id, int64_t g, scalar_t* codes) {
+  const scalar_t* table = byte_codes_table<scalar_t>();
+  int64_t j = 0;
+  for (; j + 8 <= g; j += 8) std::memcpy(codes + j, table + ((id >> j) & 0xff) * 8, 8 * sizeof(scalar_t));
+  if (j < g) lfq_unpack_group<scalar_t>(id >> j, g - j, codes + j);
+}
+
+// lfq_quantize_group's result, 8 dims at a time: their sign bits form a byte, whose codes come from the table.
+template <typename scalar_t, typename Stride>
+int64_t quantize_group_bytes(const scalar_t* z, Stride stride_d, int64_t g, scalar_t* codes) {
+  using cmp_t = lfq_compare_t<scalar_t>;
+  const scalar_t* table = byte_codes_table<scalar_t>();
+  uint64_t id = 0;
+  int64_t j = 0;
+  for (; j + 8 <= g; j += 8) {
+    unsigned byte = 0;
+    for (int k = 0; k < 8; ++k) byte |= static_cast<unsigned>(static_cast<cmp_t>(z[(j + k) * stride_d]) > cmp_t(0)) << k;
+    std::memcpy(codes + j, table + byte * 8, 8 * sizeof(scalar_t));
+    id |= static_cast<uint64_t>(byte) << j;
+  }
+  if (j < g) id |= static_cast<uint64_t>(lfq_quantize_group<scalar_t>(z + j * stride_d, stride_d, g - j, codes + j)) << j;
+  return static_cast<int64_t>(id);
+}
+
 }  // namespace
 
 // z [..., D] -> (codes [..., D] in z's dtype, ids [...] or [..., D/g] int64)
@@ -55,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t
       auto rows = [&](auto stride_d) {
         for (int64_t n = b; n < e; ++n) {
           for (int64_t grp = 0; grp < G; ++grp) {
-            ip[n * G + grp] = lfq_quantize_group<scalar_t>(zp + n * sn + grp * g * stride_d, stride_d, g,
-                                                           cp + n * D + grp * g);
+            ip[n * G + grp] = quantize_group_bytes<scalar_t>(zp + n * sn + grp * g * stride_d, stride_d, g,
+                                                             cp + n * D + grp * g);
           }
         }
       };
@@ -93,7 +132,7 @@ at::Tensor lfq_codes_from_ids_cpu(const at::Tensor& ids, int64_t dim, int64_t gr
             }
             continue;
           }
-          lfq_unpack_group<scalar_t>(id, g, cp + n * dim + grp * g);
+          unpack_group_bytes<scalar_t>(id, g, cp + n * dim + grp * g);
         }
       }
     });
