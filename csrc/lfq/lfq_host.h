@@ -15,16 +15,13 @@
 #include <optional>
 #include <tuple>
 
+#include "common/host_utils.h"
 #include "lfq/lfq.h"
 
 namespace fastvq {
 
 constexpr int64_t kLfqMaxIdBits = 62;       // an id is a non-negative int64
 constexpr int64_t kLfqMaxEntropyBits = 24;  // exact code distribution: 2^g entries per group
-
-inline bool lfq_is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
 
 // Bits per group for a [..., D] tensor: D when group_bits == 0, else group_bits (which must divide D).
 inline int64_t lfq_group_width(const char* op, int64_t D, int64_t group_bits, int64_t max_bits) {
@@ -40,15 +37,9 @@ inline int64_t lfq_group_width(const char* op, int64_t D, int64_t group_bits, in
 }
 
 inline void lfq_check_z(const char* op, const at::Tensor& z) {
-  TORCH_CHECK(lfq_is_float(z.scalar_type()), op, ": z must be float32, float16, bfloat16 or float64, got ",
+  TORCH_CHECK(is_supported_float(z.scalar_type()), op, ": z must be float32, float16, bfloat16 or float64, got ",
               z.scalar_type());
   TORCH_CHECK(z.dim() >= 1 && z.size(-1) >= 1, op, ": z must be [..., D] with D >= 1, got shape ", z.sizes());
-}
-
-inline int64_t lfq_rows(const at::Tensor& t, int64_t trailing) {
-  int64_t n = 1;
-  for (int64_t i = 0; i < t.dim() - trailing; ++i) n *= t.size(i);
-  return n;
 }
 
 // ---- quantize / unpack -----------------------------------------------------------------------------
@@ -64,7 +55,7 @@ struct LfqQuantizeSetup {
 inline LfqQuantizeSetup lfq_quantize_setup(const at::Tensor& z, int64_t group_bits) {
   lfq_check_z("lfq_quantize", z);
   LfqQuantizeSetup s;
-  s.D = z.size(-1), s.N = lfq_rows(z, 1);
+  s.D = z.size(-1), s.N = leading_numel(z, 1);
   s.g = lfq_group_width("lfq_quantize", s.D, group_bits, kLfqMaxIdBits), s.G = s.D / s.g;
   s.codes = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
   auto id_shape = z.sizes().vec();
@@ -87,7 +78,7 @@ inline LfqUnpackSetup lfq_codes_from_ids_setup(const at::Tensor& ids, int64_t di
   TORCH_CHECK(ids.scalar_type() == at::kLong, "lfq_codes_from_ids: ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK(dim >= 1, "lfq_codes_from_ids: dim must be >= 1, got ", dim);
   const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK(lfq_is_float(out_dtype), "lfq_codes_from_ids: dtype must be a floating type, got ", out_dtype);
+  TORCH_CHECK(is_supported_float(out_dtype), "lfq_codes_from_ids: dtype must be a floating type, got ", out_dtype);
   LfqUnpackSetup s;
   s.g = lfq_group_width("lfq_codes_from_ids", dim, group_bits, kLfqMaxIdBits), s.G = dim / s.g;
   if (group_bits != 0) {
@@ -113,7 +104,7 @@ inline LfqEntropyShape lfq_entropy_shape(const at::Tensor& z, double temperature
   lfq_check_z("lfq_entropy", z);
   TORCH_CHECK(temperature > 0.0, "lfq_entropy: temperature must be > 0, got ", temperature);
   const int64_t D = z.size(-1);
-  const int64_t N = lfq_rows(z, 1);
+  const int64_t N = leading_numel(z, 1);
   TORCH_CHECK(N >= 1, "lfq_entropy: z must have at least one row, got shape ", z.sizes());
   TORCH_CHECK(group_bits == 0 || group_bits <= kLfqMaxEntropyBits,
               "lfq_entropy: an exact whole-codebook entropy needs group bits <= ", kLfqMaxEntropyBits, ", got ",

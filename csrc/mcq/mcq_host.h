@@ -11,6 +11,7 @@
 #include <limits>
 #include <string_view>
 
+#include "common/host_utils.h"
 #include "mcq/mcq.h"
 
 namespace fastvq {
@@ -25,21 +26,10 @@ inline DType to_dtype(at::ScalarType t) {
   }
 }
 
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
 inline McqMetric parse_mcq_metric(std::string_view metric) {
   if (metric == "l2") return McqMetric::kL2;
   if (metric == "cosine") return McqMetric::kCosine;
   TORCH_CHECK(false, "mcq_search: metric must be \"l2\" or \"cosine\", got \"", std::string(metric), "\"");
-}
-
-// Product of all sizes but the last `trailing` (the number of rows of a [..., trailing dims] tensor).
-inline int64_t leading_numel(const at::Tensor& t, int64_t trailing) {
-  int64_t n = 1;
-  for (int64_t i = 0; i < t.dim() - trailing; ++i) n *= t.size(i);
-  return n;
 }
 
 struct McqShape {

@@ -1,0 +1,22 @@
+// Small ATen helpers shared by every op family's host code (CPU and CUDA).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace fastvq {
+
+// The floating dtypes fastvq ops accept.
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// Product of all sizes but the last `trailing` (the number of rows of a [..., trailing dims] tensor).
+inline int64_t leading_numel(const at::Tensor& t, int64_t trailing) {
+  int64_t n = 1;
+  for (int64_t i = 0; i < t.dim() - trailing; ++i) n *= t.size(i);
+  return n;
+}
+
+}  // namespace fastvq
