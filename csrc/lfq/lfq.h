@@ -87,17 +87,18 @@ FASTVQ_HOST_DEVICE acc_t lfq_logit(const scalar_t* z, int64_t stride_d, int64_t 
 
 // ---- quantize / unpack: one (row, group) -----------------------------------------------------------
 
-// The type a sign test happens in: double for double input, float otherwise (exact for half / bfloat16).
+// The type lfq computes in for a storage type: double for double input, float otherwise (exact for half
+// and bfloat16). Sign tests and the entropy's arithmetic both use it.
 template <typename scalar_t>
-struct LfqCompare {
+struct LfqAcc {
   using type = float;
 };
 template <>
-struct LfqCompare<double> {
+struct LfqAcc<double> {
   using type = double;
 };
 template <typename scalar_t>
-using lfq_compare_t = typename LfqCompare<scalar_t>::type;
+using lfq_acc_t = typename LfqAcc<scalar_t>::type;
 
 // codes[j] = +1 / -1 and the group's id, for the g dims starting at z (stride stride_d).
 template <typename scalar_t>
@@ -105,7 +106,7 @@ FASTVQ_HOST_DEVICE int64_t lfq_quantize_group(const scalar_t* z, int64_t stride_
   uint64_t id = 0;
   for (int64_t j = 0; j < g; ++j) {
     // Compared in the input's own precision (float64 stays float64: a tiny positive double is still > 0).
-    const bool bit = static_cast<lfq_compare_t<scalar_t>>(z[j * stride_d]) > lfq_compare_t<scalar_t>(0);  // NaN, 0 -> 0
+    const bool bit = static_cast<lfq_acc_t<scalar_t>>(z[j * stride_d]) > lfq_acc_t<scalar_t>(0);  // NaN, 0 -> 0
     id |= static_cast<uint64_t>(bit) << j;
     codes[j] = static_cast<scalar_t>(bit ? 1.f : -1.f);
   }

@@ -60,7 +60,7 @@ void unpack_group_bytes(int64_t id, int64_t g, scalar_t* codes) {
 // lfq_quantize_group's result, 8 dims at a time: their sign bits form a byte, whose codes come from the table.
 template <typename scalar_t, typename Stride>
 int64_t quantize_group_bytes(const scalar_t* z, Stride stride_d, int64_t g, scalar_t* codes) {
-  using cmp_t = lfq_compare_t<scalar_t>;
+  using cmp_t = lfq_acc_t<scalar_t>;
   const scalar_t* table = byte_codes_table<scalar_t>();
   uint64_t id = 0;
   int64_t j = 0;
@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_cpu(const at::Tensor&
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   lfq_check_z("lfq_entropy", z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = lfq_acc_t<scalar_t>;
     out = lfq_entropy_forward_impl<acc_t>(z, temperature, group_bits, [](const LfqEntropyParams<acc_t>& p, bool bw) {
       entropy_rows_cpu<scalar_t, acc_t>(p, bw);
     });
@@ -165,7 +165,7 @@ at::Tensor lfq_entropy_backward_cpu(const std::optional<at::Tensor>& grad_sample
   at::Tensor out;
   lfq_check_z("lfq_entropy_backward", z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = lfq_acc_t<scalar_t>;
     out = lfq_entropy_backward_impl<acc_t>(grad_sample, grad_codebook, grad_code_probs, z, code_probs, temperature,
                                            group_bits, [](const LfqEntropyParams<acc_t>& p, bool bw) {
                                              entropy_rows_cpu<scalar_t, acc_t>(p, bw);

@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_cuda(const at::Tensor
   lfq_check_z("lfq_entropy", z);
   FASTVQ_CUDA_DEVICE_GUARD(z.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = lfq_acc_t<scalar_t>;
     out = lfq_entropy_forward_impl<acc_t>(z, temperature, group_bits, entropy_rows_cuda<scalar_t, acc_t>);
   });
   return out;
@@ -153,7 +153,7 @@ at::Tensor lfq_entropy_backward_cuda(const std::optional<at::Tensor>& grad_sampl
   lfq_check_z("lfq_entropy_backward", z);
   FASTVQ_CUDA_DEVICE_GUARD(z.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_backward_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = lfq_acc_t<scalar_t>;
     out = lfq_entropy_backward_impl<acc_t>(grad_sample, grad_codebook, grad_code_probs, z, code_probs, temperature,
                                            group_bits, entropy_rows_cuda<scalar_t, acc_t>);
   });
