@@ -69,7 +69,7 @@ def make_extensions():
     defines = [f'-DFASTVQ_VERSION="{VERSION}"']
     if use_cuda:
         defines.append("-DFASTVQ_WITH_CUDA")
-    cxx = opt + defines + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx = opt + defines + ["-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     nvcc = opt + defines + ["-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
     ext_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
     return [ext_cls(
@@ -121,7 +121,7 @@ def make_emu_extensions():
         opt = ["-O0", "-g"] if env_flag("FASTVQ_DEBUG") else (["-O1", "-g"] if sanitize else ["-O2"])
         # torch's defines for nvcc, so the emulated sources see the same half/bfloat16 API as on the GPU
         cxx = opt + sanitize + [f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith("-D")] + [
-            f'-DFASTVQ_VERSION="{VERSION}"', "-Wall", "-Wextra", "-Wno-unused-parameter",
+            f'-DFASTVQ_VERSION="{VERSION}"', "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter",
             "-Wno-unknown-pragmas"]  # g++ does not know #pragma unroll
         exts.append(cpp_extension.CppExtension(
             name=f"fastvq.{name}",

@@ -13,4 +13,10 @@
   X("lfq_entropy(Tensor z, float temperature=0.01, int group_bits=0) -> "                            \
     "(Tensor sample_entropy, Tensor codebook_entropy, Tensor code_probs)")                            \
   X("lfq_entropy_backward(Tensor? grad_sample, Tensor? grad_codebook, Tensor? grad_code_probs, "     \
-    "Tensor z, Tensor code_probs, float temperature, int group_bits) -> Tensor")
+    "Tensor z, Tensor code_probs, float temperature, int group_bits) -> Tensor")                                                        \
+  /* Token merging with a source map (ToMe / MergeVQ). docs/ops/merge.md */                          \
+  X("bipartite_merge(Tensor x, Tensor metric, Tensor sizes, int r, bool protect_first=False) -> "     \
+    "(Tensor merged, Tensor merged_sizes, Tensor assign)")                                            \
+  X("compose_source(Tensor source, Tensor assign) -> Tensor")                                         \
+  X("unmerge(Tensor merged, Tensor source) -> Tensor")                                                \
+  X("unmerge_backward(Tensor grad, Tensor source, int num_tokens) -> Tensor")
