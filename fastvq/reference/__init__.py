@@ -7,9 +7,17 @@ from fastvq.reference.lfq import (
     lfq_quantize_ref,
 )
 from fastvq.reference.mcq import mcq_gather_ref, mcq_search_ref, multi_codebook_quantize_ref
+from fastvq.reference.merge import (
+    bipartite_merge_ref,
+    compose_source_ref,
+    tome_merge_dense_ref,
+    unmerge_dense_ref,
+    unmerge_ref,
+)
 
 __all__ = [
     "mcq_search_ref", "mcq_gather_ref", "multi_codebook_quantize_ref",
     "lfq_quantize_ref", "lfq_codes_from_ids_ref", "lfq_entropy_ref", "lfq_entropy_factorized_ref",
     "lfq_loss_ref",
+    "bipartite_merge_ref", "compose_source_ref", "unmerge_ref", "tome_merge_dense_ref", "unmerge_dense_ref",
 ]
