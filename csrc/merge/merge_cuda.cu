@@ -12,6 +12,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "merge/merge_host.h"
 
 namespace fastvq {
@@ -168,6 +170,15 @@ __global__ void __launch_bounds__(kSelectThreads) merge_select_kernel(const Merg
   if (threadIdx.x == 0) seg_off[0] = 0;
 }
 
+// sizes must be positive (NaN fails too): the merge divides by their sums. Its own kernel: an assert inside
+// the merge loop makes ptxas spill (the assert is a call).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) merge_check_sizes_kernel(const acc_t* sizes, int64_t n) {
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += int64_t(gridDim.x) * blockDim.x) {
+    FASTVQ_KERNEL_ASSERT(sizes[q] > acc_t(0) && "bipartite_merge: sizes must be > 0");
+  }
+}
+
 // Step 5: one output token per block, threads over channels.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads) merge_slots_kernel(const MergeParams p) {
@@ -186,16 +197,13 @@ __global__ void __launch_bounds__(kMergeThreads) merge_slots_kernel(const MergeP
   }
   const scalar_t* xt = xb + t * p.x_st;
   acc_t S = sz[t];
-  FASTVQ_KERNEL_ASSERT(S > acc_t(0) && "bipartite_merge: sizes must be > 0");
   if (lo == hi) {  // nothing merged: an exact copy
     for (int64_t c = threadIdx.x; c < p.C; c += kMergeThreads) o[c] = xt[c * p.x_sc];
     if (threadIdx.x == 0) static_cast<acc_t*>(p.merged_sizes)[s] = S;
     return;
   }
   for (int64_t q = lo; q < hi; ++q) {
-    const acc_t sa = sz[2 * p.seg_items[b * p.nA + q]];
-    FASTVQ_KERNEL_ASSERT(sa > acc_t(0) && "bipartite_merge: sizes must be > 0");
-    S = merge_add(S, sa);
+    S = merge_add(S, sz[2 * p.seg_items[b * p.nA + q]]);
   }
   const acc_t st = sz[t];
   for (int64_t c = threadIdx.x; c < p.C; c += kMergeThreads) {
@@ -290,11 +298,18 @@ void match_cuda(const MergeParams& p, const at::Tensor& metric, decltype(FASTVQ_
               "tile on CUDA (at most ", 48 * 1024 / sizeof(T), " channels for ", metric.scalar_type(), ")");
   const auto opts = metric.options().dtype(c10::CppTypeToScalarType<T>::value);
   const at::Tensor a_hat = at::empty({p.B, p.nA, p.Cm}, opts), b_hat = at::empty({p.B, p.nB, p.Cm}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "bipartite_merge_normalize", [&] {
-    FASTVQ_LAUNCH_KERNEL((merge_normalize_kernel<scalar_t, T>), dim3(grid_for(p.B * p.T, kThreads)), dim3(kThreads), 0,
-                         stream, p, a_hat.data_ptr<T>(), b_hat.data_ptr<T>());
-    FASTVQ_CUDA_LAUNCH_CHECK();
-  });
+  if constexpr (std::is_same_v<T, double>) {  // scores in double only for a double metric
+    FASTVQ_LAUNCH_KERNEL((merge_normalize_kernel<double, double>), dim3(grid_for(p.B * p.T, kThreads)), dim3(kThreads),
+                         0, stream, p, a_hat.data_ptr<T>(), b_hat.data_ptr<T>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "bipartite_merge_normalize", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        FASTVQ_LAUNCH_KERNEL((merge_normalize_kernel<scalar_t, float>), dim3(grid_for(p.B * p.T, kThreads)),
+                             dim3(kThreads), 0, stream, p, a_hat.data_ptr<T>(), b_hat.data_ptr<T>());
+      }
+    });
+  }
+  FASTVQ_CUDA_LAUNCH_CHECK();
   const int64_t tile_rows = std::max<int64_t>(1, std::min<int64_t>(64, kMatchSmemBytes / row_bytes));
   const int64_t blocks_per_image = (p.nA + kMatchThreads - 1) / kMatchThreads;
   FASTVQ_LAUNCH_KERNEL(merge_match_kernel<T>, dim3(static_cast<unsigned>(p.B * blocks_per_image)), dim3(kMatchThreads),
@@ -314,6 +329,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Te
                 p.B * (p.T - p.r));
     const auto stream = FASTVQ_CUDA_STREAM();
     const bool dbl = s.score_type == at::kDouble;
+    if (s.sizes_acc.scalar_type() == at::kDouble) {
+      FASTVQ_LAUNCH_KERNEL(merge_check_sizes_kernel<double>, dim3(grid_for(p.B * p.T, kThreads)), dim3(kThreads), 0,
+                           stream, s.sizes_acc.data_ptr<double>(), p.B * p.T);
+    } else {
+      FASTVQ_LAUNCH_KERNEL(merge_check_sizes_kernel<float>, dim3(grid_for(p.B * p.T, kThreads)), dim3(kThreads), 0,
+                           stream, s.sizes_acc.data_ptr<float>(), p.B * p.T);
+    }
+    FASTVQ_CUDA_LAUNCH_CHECK();
     if (p.nB > 0 && p.r > 0) {
       if (dbl) match_cuda<double>(p, metric, stream);
       else match_cuda<float>(p, metric, stream);
