@@ -64,7 +64,7 @@ def format_speedup(per_row: float, baseline: float | None) -> str:
     return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2g}x"
 
 
-OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize", "lfq_codes_from_ids")
+OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize", "lfq_codes_from_ids", "bipartite_merge")
 
 
 def table_order(bench: dict[str, Any]) -> tuple[object, ...]:

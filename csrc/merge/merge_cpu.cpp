@@ -123,20 +123,22 @@ void select_image(const MergeParams& p, int64_t b, std::vector<int64_t>& cand, s
 }
 
 // ---- step 5: the size-weighted merge, one output slot per iteration -------------------------------------
-template <typename scalar_t, typename acc_t>
+// kUnit: channels contiguous in x (the common case: a vectorised loop without a stride).
+template <typename scalar_t, typename acc_t, bool kUnit>
 void merge_slots(const MergeParams& p) {
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const acc_t* sizes = static_cast<const acc_t*>(p.sizes);
   scalar_t* out = static_cast<scalar_t*>(p.merged);
   acc_t* out_sizes = static_cast<acc_t*>(p.merged_sizes);
-  const int64_t Tout = p.T - p.r, C = p.C, kept = p.nA - p.r;
+  const int64_t Tout = p.T - p.r, C = p.C, kept = p.nA - p.r, sc = kUnit ? 1 : p.x_sc;
   at::parallel_for(0, p.B * Tout, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t s0, int64_t s1) {
-    std::vector<acc_t> acc(C);
+    std::vector<acc_t> acc_buf(C);
+    acc_t* FASTVQ_RESTRICT acc = acc_buf.data();
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t b = s / Tout, slot = s % Tout;
       const acc_t* sz = sizes + b * p.T;
       const scalar_t* xb = x + b * p.x_sb;
-      scalar_t* o = out + s * C;
+      scalar_t* FASTVQ_RESTRICT o = out + s * C;
       int64_t t, lo = 0, hi = 0;
       if (slot < kept) {
         t = p.unm_src[b * p.nA + slot];
@@ -145,20 +147,21 @@ void merge_slots(const MergeParams& p) {
         t = 2 * j + 1;
         lo = p.seg_off[b * (p.nB + 1) + j], hi = p.seg_off[b * (p.nB + 1) + j + 1];
       }
-      const scalar_t* xt = xb + t * p.x_st;
+      const scalar_t* FASTVQ_RESTRICT xt = xb + t * p.x_st;
       if (lo == hi) {  // nothing merged: an exact copy
-        for (int64_t c = 0; c < C; ++c) o[c] = xt[c * p.x_sc];
+        if (kUnit) std::memcpy(o, xt, sizeof(scalar_t) * C);
+        else for (int64_t c = 0; c < C; ++c) o[c] = xt[c * sc];
         out_sizes[s] = sz[t];
         continue;
       }
       acc_t S = sz[t];
-      for (int64_t c = 0; c < C; ++c) acc[c] = merge_mul(static_cast<acc_t>(xt[c * p.x_sc]), S);
+      for (int64_t c = 0; c < C; ++c) acc[c] = merge_mul(static_cast<acc_t>(xt[c * sc]), S);
       for (int64_t q = lo; q < hi; ++q) {
         const int64_t ta = 2 * p.seg_items[b * p.nA + q];
         const acc_t sa = sz[ta];
-        const scalar_t* xa = xb + ta * p.x_st;
+        const scalar_t* FASTVQ_RESTRICT xa = xb + ta * p.x_st;
         S = merge_add(S, sa);
-        for (int64_t c = 0; c < C; ++c) acc[c] = merge_add(acc[c], merge_mul(static_cast<acc_t>(xa[c * p.x_sc]), sa));
+        for (int64_t c = 0; c < C; ++c) acc[c] = merge_add(acc[c], merge_mul(static_cast<acc_t>(xa[c * sc]), sa));
       }
       for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(merge_div(acc[c], S));
       out_sizes[s] = S;
@@ -192,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Ten
       }
     });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bipartite_merge_cpu", [&] {
-      merge_slots<scalar_t, at::opmath_type<scalar_t>>(p);
+      if (p.x_sc == 1) merge_slots<scalar_t, at::opmath_type<scalar_t>, true>(p);
+      else merge_slots<scalar_t, at::opmath_type<scalar_t>, false>(p);
     });
   }
   return {s.merged, s.merged_sizes_acc.to(sizes.scalar_type()), s.assign};
