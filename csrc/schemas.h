@@ -17,6 +17,8 @@
   /* Token merging with a source map (ToMe / MergeVQ). docs/ops/merge.md */                          \
   X("bipartite_merge(Tensor x, Tensor metric, Tensor sizes, int r, bool protect_first=False) -> "     \
     "(Tensor merged, Tensor merged_sizes, Tensor assign)")                                            \
+  X("bipartite_merge_backward(Tensor grad_merged, Tensor sizes, Tensor merged_sizes, Tensor assign) -> " \
+    "Tensor")                                                                                          \
   X("compose_source(Tensor source, Tensor assign) -> Tensor")                                         \
   X("unmerge(Tensor merged, Tensor source) -> Tensor")                                                \
   X("unmerge_backward(Tensor grad, Tensor source, int num_tokens) -> Tensor")

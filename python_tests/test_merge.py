@@ -9,7 +9,7 @@ import torch
 
 import fastvq
 import fastvq.emu as emu
-from fastvq.ops import bipartite_merge, compose_source, unmerge, unmerge_backward
+from fastvq.ops import bipartite_merge, bipartite_merge_backward, compose_source, unmerge, unmerge_backward
 from fastvq.reference import bipartite_merge_ref, compose_source_ref, unmerge_ref
 from fastvq.reference.merge import mergeable_count
 
@@ -203,6 +203,22 @@ def test_unmerge_backward_is_an_ordered_segmented_sum(dtype):
     assert torch.equal(unmerge_backward(grad.transpose(1, 2).contiguous().transpose(1, 2), source, T), out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bipartite_merge_backward_is_a_scaled_gather(dtype):
+    x, metric, sizes = make(3, 21, 10, 4, dtype=dtype, sizes_dtype=torch.float32)
+    merged, msizes, assign = bipartite_merge(x, metric, sizes, 7, True)
+    g = torch.randn(merged.shape, dtype=torch.float64).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    out = bipartite_merge_backward(g, sizes, msizes, assign)
+    w = sizes.double() / msizes.double().gather(1, assign)
+    ref = g.double().gather(1, assign.unsqueeze(-1).expand(-1, -1, 10)) * w.unsqueeze(-1)
+    rtol, atol = TOL[dtype]
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, ref.to(dtype), rtol=rtol, atol=atol)
+    if dtype == torch.float32:  # the weight is s / S in fp32, then one product
+        exact = g.gather(1, assign.unsqueeze(-1).expand(-1, -1, 10)) * (sizes / msizes.gather(1, assign)).unsqueeze(-1)
+        assert torch.equal(out, exact)
+
+
 def test_empty_inputs():
     for B, T, C, Cm in [(0, 5, 3, 2), (2, 0, 3, 2), (2, 6, 0, 2), (2, 6, 3, 0)]:
         x, metric, sizes = make(B, T, C, Cm)
@@ -247,6 +263,8 @@ def test_opcheck():
     src = compose_source(source, assign)
     torch.library.opcheck(torch.ops.fastvq.unmerge.default, (merged, src))
     torch.library.opcheck(torch.ops.fastvq.unmerge_backward.default, (torch.randn(2, 9, 4), src, 6))
+    _, msizes, _ = bipartite_merge(x, metric, sizes, 3)
+    torch.library.opcheck(torch.ops.fastvq.bipartite_merge_backward.default, (torch.randn(2, 6, 4), sizes, msizes, assign))
 
 
 def test_compile_fullgraph():
@@ -317,6 +335,15 @@ def test_errors():
         unmerge_backward(torch.randn(2, 9, 3), source, 8)
     with pytest.raises(RuntimeError, match=r"unmerge_backward: source must be \[B, T0\] with T0=9"):
         unmerge_backward(torch.randn(2, 9, 3), source[:, :5], 9)
+    _, msizes, assign = bipartite_merge(x, metric, sizes, 3)
+    bad_assign = assign.clone()
+    bad_assign[1, 2] = 6
+    with pytest.raises(RuntimeError, match=r"bipartite_merge_backward: assign\[1, 2\] = 6 is out of range \[0, 6\)"):
+        bipartite_merge_backward(torch.randn(2, 6, 4), sizes, msizes, bad_assign)
+    with pytest.raises(RuntimeError, match=r"bipartite_merge_backward: merged_sizes must be a float \[B, T'\] tensor"):
+        bipartite_merge_backward(torch.randn(2, 6, 4), sizes, msizes[:, :5], assign)
+    with pytest.raises(RuntimeError, match=r"bipartite_merge_backward: sizes must be a float \[B, T\] tensor like assign"):
+        bipartite_merge_backward(torch.randn(2, 6, 4), sizes[:, :8], msizes, assign)
 
 
 # ---- the CUDA kernels, emulated on the CPU ------------------------------------------------------------
@@ -380,6 +407,11 @@ def test_merge_ops_emulated_edge_inputs(schedule):
     for dtype in DTYPES:
         g = torch.randn(B, T, C).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
         assert torch.equal(torch.ops.fastvq_emu.unmerge_backward(g, src, T - 14), unmerge_backward(g, src, T - 14))
+    msizes = out[1]
+    for dtype in DTYPES:
+        g = torch.randn(B, T - 14, C).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        assert torch.equal(torch.ops.fastvq_emu.bipartite_merge_backward(g, sizes, msizes, assign),
+                           bipartite_merge_backward(g, sizes, msizes, assign))
     e = torch.ops.fastvq_emu.unmerge_backward(torch.randn(B, 0, 3), torch.zeros(B, 0, dtype=torch.long), 4)
     assert torch.equal(e, torch.zeros(B, 4, 3))
 
@@ -398,6 +430,8 @@ def test_merge_ops_emulated_traps():
         torch.ops.fastvq_emu.compose_source(bad, torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"__trap\(\) at merge_cuda\.cu:\d+"):
         torch.ops.fastvq_emu.unmerge_backward(torch.randn(2, 9, 3), bad, 5)
+    with pytest.raises(RuntimeError, match=r"__trap\(\) at merge_cuda\.cu:\d+"):
+        torch.ops.fastvq_emu.bipartite_merge_backward(torch.randn(2, 5, 3), torch.ones(2, 9), torch.ones(2, 5), bad)
     # host-side checks are shared with the CPU op
     with pytest.raises(RuntimeError, match=r"bipartite_merge: r must be in \[0, 5\]"):
         torch.ops.fastvq_emu.bipartite_merge(x, metric, sizes, 9)

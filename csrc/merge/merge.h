@@ -136,6 +136,12 @@ FASTVQ_HOST_DEVICE int64_t merge_mergeable(int64_t T, bool protect_first) {
   return protect_first ? nA - 1 : nA;
 }
 
+// The backward weight of token t: d merged[assign[t]] / d x[t] = s_t / S_slot.
+template <typename T>
+FASTVQ_HOST_DEVICE T merge_grad_weight(T s_t, T s_slot) {
+  return merge_div(s_t, s_slot);
+}
+
 // ---- params --------------------------------------------------------------------------------------------
 
 // Tensors of bipartite_merge; element strides. `acc_t` (the merge precision) is double for double x, else

@@ -202,6 +202,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Ten
   return {s.merged, s.merged_sizes_acc.to(sizes.scalar_type()), s.assign};
 }
 
+// grad_x[b, t] = grad_merged[b, assign[b, t]] * sizes[b, t] / merged_sizes[b, assign[b, t]]: a scaled gather.
+at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad, const at::Tensor& sizes, const at::Tensor& merged_sizes,
+                                        const at::Tensor& assign) {
+  MergeBackwardSetup s = bipartite_merge_backward_setup(grad, sizes, merged_sizes, assign);
+  const int64_t B = grad.size(0), Tm = grad.size(1), C = grad.size(2), T = assign.size(1);
+  const int64_t* a = assign.data_ptr<int64_t>();
+  const int64_t a_sb = assign.stride(0), a_st = assign.stride(1);
+  for (int64_t q = 0; q < B * T; ++q) {
+    const int64_t v = a[(q / T) * a_sb + (q % T) * a_st];
+    TORCH_CHECK(v >= 0 && v < Tm, "bipartite_merge_backward: assign[", q / T, ", ", q % T, "] = ", v,
+                " is out of range [0, ", Tm, ") (the tokens of grad_merged)");
+  }
+  if (s.grad_x.numel() == 0) return s.grad_x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "bipartite_merge_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const int64_t g_sb = grad.stride(0), g_st = grad.stride(1), g_sc = grad.stride(2);
+    const acc_t* ws = s.w_sizes.data_ptr<acc_t>();
+    const acc_t* wm = s.w_merged.data_ptr<acc_t>();
+    scalar_t* o = s.grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / C), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t b = q / T, slot = a[b * a_sb + (q % T) * a_st];
+        const acc_t w = merge_grad_weight(ws[q], wm[b * Tm + slot]);
+        const scalar_t* FASTVQ_RESTRICT row = g + b * g_sb + slot * g_st;
+        scalar_t* FASTVQ_RESTRICT out = o + q * C;
+        if (g_sc == 1) {
+          for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(merge_mul(static_cast<acc_t>(row[c]), w));
+        } else {
+          for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(merge_mul(static_cast<acc_t>(row[c * g_sc]), w));
+        }
+      }
+    });
+  });
+  return s.grad_x;
+}
+
 // Index of the first source entry outside [0, T), or -1.
 int64_t first_bad_source(const UnmergeParams& p, int64_t T) {
   for (int64_t b = 0; b < p.B; ++b) {
@@ -295,6 +332,7 @@ at::Tensor unmerge_backward_cpu(const at::Tensor& grad, const at::Tensor& source
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
   m.impl("bipartite_merge", &bipartite_merge_cpu);
+  m.impl("bipartite_merge_backward", &bipartite_merge_backward_cpu);
   m.impl("compose_source", &compose_source_cpu);
   m.impl("unmerge", &unmerge_cpu);
   m.impl("unmerge_backward", &unmerge_backward_cpu);

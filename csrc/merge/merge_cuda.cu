@@ -217,6 +217,20 @@ __global__ void __launch_bounds__(kMergeThreads) merge_slots_kernel(const MergeP
   if (threadIdx.x == 0) static_cast<acc_t*>(p.merged_sizes)[s] = S;
 }
 
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    merge_backward_kernel(const scalar_t* grad, int64_t g_sb, int64_t g_st, int64_t g_sc, const acc_t* w_sizes,
+                          const acc_t* w_merged, const int64_t* assign, int64_t a_sb, int64_t a_st, int64_t B, int64_t T,
+                          int64_t Tm, int64_t C, scalar_t* out) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < B * T * C; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = e / C, c = e % C, b = q / T;
+    const int64_t slot = assign[b * a_sb + (q % T) * a_st];
+    FASTVQ_KERNEL_ASSERT(slot >= 0 && slot < Tm && "bipartite_merge_backward: assign out of range");
+    const acc_t w = merge_grad_weight(w_sizes[q], w_merged[b * Tm + slot]);
+    out[e] = static_cast<scalar_t>(merge_mul(static_cast<acc_t>(grad[b * g_sb + slot * g_st + c * g_sc]), w));
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     compose_source_kernel(const int64_t* source, int64_t src_sb, int64_t src_st, const int64_t* assign, int64_t a_sb,
                           int64_t a_st, int64_t B, int64_t T0, int64_t T, int64_t* out) {
@@ -353,6 +367,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Te
   return {s.merged, s.merged_sizes_acc.to(sizes.scalar_type()), s.assign};
 }
 
+at::Tensor bipartite_merge_backward_cuda(const at::Tensor& grad, const at::Tensor& sizes, const at::Tensor& merged_sizes,
+                                         const at::Tensor& assign) {
+  FASTVQ_CUDA_DEVICE_GUARD(grad.device());
+  MergeBackwardSetup s = bipartite_merge_backward_setup(grad, sizes, merged_sizes, assign);
+  if (s.grad_x.numel() == 0) return s.grad_x;
+  const int64_t B = grad.size(0), Tm = grad.size(1), C = grad.size(2), T = assign.size(1);
+  const auto stream = FASTVQ_CUDA_STREAM();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "bipartite_merge_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FASTVQ_LAUNCH_KERNEL((merge_backward_kernel<scalar_t, acc_t>), dim3(grid_for(B * T * C, kThreads)), dim3(kThreads), 0,
+                         stream, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
+                         s.w_sizes.data_ptr<acc_t>(), s.w_merged.data_ptr<acc_t>(), assign.data_ptr<int64_t>(),
+                         assign.stride(0), assign.stride(1), B, T, Tm, C, s.grad_x.data_ptr<scalar_t>());
+    FASTVQ_CUDA_LAUNCH_CHECK();
+  });
+  return s.grad_x;
+}
+
 at::Tensor compose_source_cuda(const at::Tensor& source, const at::Tensor& assign) {
   FASTVQ_CUDA_DEVICE_GUARD(source.device());
   at::Tensor out = compose_source_setup(source, assign);
@@ -407,6 +439,7 @@ at::Tensor unmerge_backward_cuda(const at::Tensor& grad, const at::Tensor& sourc
 
 TORCH_LIBRARY_IMPL(FASTVQ_CUDA_LIBRARY, FASTVQ_CUDA_DISPATCH_KEY, m) {
   m.impl("bipartite_merge", &bipartite_merge_cuda);
+  m.impl("bipartite_merge_backward", &bipartite_merge_backward_cuda);
   m.impl("compose_source", &compose_source_cuda);
   m.impl("unmerge", &unmerge_cuda);
   m.impl("unmerge_backward", &unmerge_backward_cuda);

@@ -69,6 +69,39 @@ inline MergeSetup bipartite_merge_setup(const at::Tensor& x, const at::Tensor& m
   return s;
 }
 
+// bipartite_merge_backward(grad_merged [B, T', C], sizes [B, T], merged_sizes [B, T'], assign [B, T]) -> [B, T, C]:
+// grad_x[b, t] = grad_merged[b, assign[b, t]] * sizes[b, t] / merged_sizes[b, assign[b, t]].
+struct MergeBackwardSetup {
+  at::Tensor grad_x, w_sizes, w_merged;  // output; sizes and merged_sizes in the precision of grad, contiguous
+};
+
+inline MergeBackwardSetup bipartite_merge_backward_setup(const at::Tensor& grad, const at::Tensor& sizes,
+                                                         const at::Tensor& merged_sizes, const at::Tensor& assign) {
+  constexpr const char* op = "bipartite_merge_backward";
+  TORCH_CHECK(grad.dim() == 3, op, ": grad_merged must be [B, T', C], got shape ", grad.sizes());
+  TORCH_CHECK(is_supported_float(grad.scalar_type()), op, ": grad_merged must be float32, float16, bfloat16 or float64, got ",
+              grad.scalar_type());
+  TORCH_CHECK(assign.scalar_type() == at::kLong && assign.dim() == 2 && assign.size(0) == grad.size(0), op,
+              ": assign must be [B, T] int64 with B=", grad.size(0), ", got ", assign.scalar_type(), " shape ", assign.sizes());
+  TORCH_CHECK(sizes.dim() == 2 && sizes.sizes() == assign.sizes() && is_supported_float(sizes.scalar_type()), op,
+              ": sizes must be a float [B, T] tensor like assign ", assign.sizes(), ", got ", sizes.scalar_type(), " shape ",
+              sizes.sizes());
+  TORCH_CHECK(merged_sizes.dim() == 2 && merged_sizes.size(0) == grad.size(0) && merged_sizes.size(1) == grad.size(1) &&
+                  is_supported_float(merged_sizes.scalar_type()),
+              op, ": merged_sizes must be a float [B, T'] tensor with B, T' of grad_merged ", grad.sizes(), ", got ",
+              merged_sizes.scalar_type(), " shape ", merged_sizes.sizes());
+  for (const auto* t : {&sizes, &merged_sizes, &assign}) {
+    TORCH_CHECK(t->device() == grad.device(), op, ": every argument must be on grad_merged's device ", grad.device(),
+                ", got ", t->device());
+  }
+  MergeBackwardSetup s;
+  const auto acc = merge_acc_type(grad.scalar_type());
+  s.w_sizes = sizes.to(acc).contiguous();
+  s.w_merged = merged_sizes.to(acc).contiguous();
+  s.grad_x = at::empty({grad.size(0), assign.size(1), grad.size(2)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  return s;
+}
+
 // [B, T0] int64 source map checks shared by compose_source / unmerge / unmerge_backward.
 inline void merge_check_source(const char* op, const at::Tensor& source, int64_t B, const at::Device& device) {
   TORCH_CHECK(source.scalar_type() == at::kLong, op, ": source must be int64, got ", source.scalar_type());

@@ -2,7 +2,7 @@
 torch.compile, autograd where differentiable)."""
 from fastvq.ops.lfq import lfq_codes_from_ids, lfq_entropy, lfq_quantize
 from fastvq.ops.mcq import mcq_gather, mcq_search
-from fastvq.ops.merge import bipartite_merge, compose_source, unmerge, unmerge_backward
+from fastvq.ops.merge import bipartite_merge, bipartite_merge_backward, compose_source, unmerge, unmerge_backward
 
 __all__ = ["mcq_search", "mcq_gather", "lfq_quantize", "lfq_codes_from_ids", "lfq_entropy",
-           "bipartite_merge", "compose_source", "unmerge", "unmerge_backward"]
+           "bipartite_merge", "bipartite_merge_backward", "compose_source", "unmerge", "unmerge_backward"]

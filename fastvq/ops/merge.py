@@ -39,6 +39,14 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, r: int,
     return torch.ops.fastvq.bipartite_merge.default(x, metric, sizes, r, protect_first)
 
 
+def bipartite_merge_backward(grad_merged: Tensor, sizes: Tensor, merged_sizes: Tensor, assign: Tensor) -> Tensor:
+    """:func:`bipartite_merge`'s backward w.r.t. ``x``, one scaled gather:
+    ``grad_x[b, t] = grad_merged[b, assign[b, t]] * sizes[b, t] / merged_sizes[b, assign[b, t]]``
+    (``[B, T', C]``, ``[B, T]``, ``[B, T']``, ``[B, T]`` int64 -> ``[B, T, C]`` in grad_merged's dtype; the
+    weight in fp32, fp64 for float64 grads)."""
+    return torch.ops.fastvq.bipartite_merge_backward.default(grad_merged, sizes, merged_sizes, assign)
+
+
 def compose_source(source: Tensor, assign: Tensor) -> Tensor:
     """Follow one merge: ``source'[b, p] = assign[b, source[b, p]]``.
 
@@ -95,6 +103,27 @@ def _bipartite_merge_fake(x, metric, sizes, r, protect_first=False):
     return (x.new_empty((B, T - r, C)), sizes.new_empty((B, T - r)), x.new_empty((B, T), dtype=torch.int64))
 
 
+@torch.library.register_fake("fastvq::bipartite_merge_backward")
+def _bipartite_merge_backward_fake(grad_merged, sizes, merged_sizes, assign):
+    op = "bipartite_merge_backward"
+    torch._check(grad_merged.dim() == 3, lambda: f"{op}: grad_merged must be [B, T', C], got shape {list(grad_merged.shape)}")
+    _check_float(op, "grad_merged", grad_merged)
+    B = grad_merged.shape[0]
+    torch._check(assign.dtype == torch.int64 and assign.dim() == 2 and assign.shape[0] == B,
+                 lambda: f"{op}: assign must be [B, T] int64 with B={B}, got {assign.dtype} shape {list(assign.shape)}")
+    torch._check(sizes.dim() == 2 and sizes.shape == assign.shape and sizes.dtype in _FLOATS,
+                 lambda: f"{op}: sizes must be a float [B, T] tensor like assign {list(assign.shape)}, got "
+                         f"{sizes.dtype} shape {list(sizes.shape)}")
+    torch._check(merged_sizes.dim() == 2 and merged_sizes.shape[0] == B and merged_sizes.shape[1] == grad_merged.shape[1]
+                 and merged_sizes.dtype in _FLOATS,
+                 lambda: f"{op}: merged_sizes must be a float [B, T'] tensor with B, T' of grad_merged "
+                         f"{list(grad_merged.shape)}, got {merged_sizes.dtype} shape {list(merged_sizes.shape)}")
+    for t in (sizes, merged_sizes, assign):
+        torch._check(t.device == grad_merged.device, lambda: f"{op}: every argument must be on grad_merged's device "
+                     f"{grad_merged.device}, got {t.device}")
+    return grad_merged.new_empty((B, assign.shape[1], grad_merged.shape[2]))
+
+
 @torch.library.register_fake("fastvq::compose_source")
 def _compose_source_fake(source, assign):
     torch._check(assign.dtype == torch.int64, lambda: f"compose_source: assign must be int64, got {assign.dtype}")
@@ -138,14 +167,30 @@ def _bipartite_merge_backward(ctx, grad_merged, _grad_sizes, _grad_assign):
     sizes, merged_sizes, assign = ctx.saved_tensors
     if grad_merged is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    acc = torch.float64 if grad_merged.dtype == torch.float64 else torch.float32
-    weight = sizes.to(acc) / merged_sizes.to(acc).gather(1, assign)  # [B, T]
-    grad_x = unmerge(grad_merged, assign) * weight.unsqueeze(-1).to(grad_merged.dtype)
-    return grad_x, None, None, None, None
+    return bipartite_merge_backward(grad_merged, sizes, merged_sizes, assign), None, None, None, None
 
 
 torch.library.register_autograd("fastvq::bipartite_merge", _bipartite_merge_backward,
                                 setup_context=_bipartite_merge_setup_context)
+
+
+# bipartite_merge_backward is linear in grad_merged with the weights w[t] = sizes[t] / merged_sizes[assign[t]];
+# its adjoint sums w[t] * gg[t] over the tokens of each slot: unmerge_backward (ordered, no atomics).
+def _merge_backward_setup_context(ctx, inputs, output):
+    grad_merged, sizes, merged_sizes, assign = inputs
+    ctx.save_for_backward(sizes, merged_sizes, assign)
+    ctx.num_tokens = grad_merged.shape[1]
+
+
+def _merge_backward_backward(ctx, gg):
+    sizes, merged_sizes, assign = ctx.saved_tensors
+    acc = torch.float64 if gg.dtype == torch.float64 else torch.float32
+    weight = (sizes.to(acc) / merged_sizes.to(acc).gather(1, assign)).unsqueeze(-1).to(gg.dtype)
+    return unmerge_backward(gg * weight, assign, ctx.num_tokens), None, None, None
+
+
+torch.library.register_autograd("fastvq::bipartite_merge_backward", _merge_backward_backward,
+                                setup_context=_merge_backward_setup_context)
 
 
 def _unmerge_setup_context(ctx, inputs, output):
