@@ -83,6 +83,18 @@ def test_mixed_dtypes_and_strided_inputs():
         assert torch.equal(a, b)
 
 
+def test_metric_view_of_x_is_read_in_place():
+    # float32 metric rows with unit channel stride are read without a copy: a view of x's first channels,
+    # an expanded batch, and a sliced token axis must give the contiguous copy's result
+    x, _, sizes = make(3, 31, 40, 1)
+    views = [x[..., :16], x[:1, :, 8:24].expand(3, 31, 16), x.repeat(1, 2, 1)[:, ::2, :16]]
+    for metric in views:
+        out = bipartite_merge(x, metric, sizes, 9)
+        again = bipartite_merge(x, metric.contiguous(), sizes, 9)
+        assert all(torch.equal(a, b) for a, b in zip(out, again))
+        assert torch.equal(out[2], bipartite_merge_ref(x, metric, sizes, 9)[2])
+
+
 def test_hand_worked_example():
     # T=5: A = {0, 2, 4}, B = {1, 3}. Token 2 is a copy of 3 (cos 1), token 4 is close to 1, token 0 is far.
     metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 1, 0.1]]])

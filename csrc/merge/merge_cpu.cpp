@@ -21,20 +21,24 @@ namespace {
 
 // ---- step 1-2, float32 scores: per-ISA core over a normalised copy of the metric -----------------------
 void match_float(const MergeParams& p, const at::Tensor& metric) {
-  const at::Tensor m = metric.to(at::kFloat).contiguous();  // [B, T, Cm]
+  // float32 rows with unit channel stride are read in place (e.g. a view of the first channels of x);
+  // anything else is converted once to a contiguous float32 copy.
+  const bool in_place = metric.scalar_type() == at::kFloat && (metric.stride(2) == 1 || metric.size(2) <= 1);
+  const at::Tensor m = in_place ? metric : metric.to(at::kFloat).contiguous();  // [B, T, Cm]
   const float* mp = m.data_ptr<float>();
-  const int64_t Cm = p.Cm, nA = p.nA, nB = p.nB, T = p.T;
+  const int64_t m_sb = m.stride(0), m_st = m.stride(1);
+  const int64_t Cm = p.Cm, nA = p.nA, nB = p.nB;
   const int64_t ldb = std::max<int64_t>(kMergeCpuColAlign, (nB + kMergeCpuColAlign - 1) / kMergeCpuColAlign * kMergeCpuColAlign);
-  const at::Tensor a_hat = at::empty({p.B, nA, Cm}, m.options());
-  const at::Tensor bt = at::zeros({p.B, Cm, ldb}, m.options());  // transposed B side, zero padding columns
+  const at::Tensor a_hat = at::empty({p.B, nA, Cm}, m.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor bt = at::zeros({p.B, Cm, ldb}, a_hat.options());  // transposed B side, zero padding columns
   float* ap = a_hat.data_ptr<float>();
   float* bp = bt.data_ptr<float>();
   const CpuIsa isa = cpu_isa_active();
   at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const float* img = mp + b * T * Cm;
-      merge_normalize_rows_cpu(isa, img, 2 * Cm, nA, Cm, ap + b * nA * Cm, Cm, 1);
-      merge_normalize_rows_cpu(isa, img + Cm, 2 * Cm, nB, Cm, bp + b * Cm * ldb, 1, ldb);
+      const float* img = mp + b * m_sb;
+      merge_normalize_rows_cpu(isa, img, 2 * m_st, nA, Cm, ap + b * nA * Cm, Cm, 1);
+      merge_normalize_rows_cpu(isa, img + m_st, 2 * m_st, nB, Cm, bp + b * Cm * ldb, 1, ldb);
     }
   });
   constexpr int64_t kRowsPerTask = 64;
