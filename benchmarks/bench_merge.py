@@ -16,7 +16,8 @@ in both implementations). Cases:
 - ToMe ViT-B/16: B=256, T=197 (class token protected), r=16 in 11 layers and 10 in the 12th (the most its
   21 tokens allow): 197 -> 11 tokens.
 Forward, and forward + backward (a loss on the recovered grid, gradients to the input tokens).
-``peak_bytes``: peak resident-memory increase of one forward + backward, measured in a fresh process;
+``peak_bytes``: peak resident memory of one forward + backward above the resident memory just before it
+(inputs and weights already allocated), measured in a fresh process;
 ``source_bytes``: the source map's size.
 """
 from __future__ import annotations
@@ -87,9 +88,11 @@ def peak_bytes(impl: str, case: str, B: int) -> int:
         x = torch.randn({B}, c["T"], c["C"], generator=torch.Generator().manual_seed(0)).requires_grad_()
         small = torch.randn(2, c["T"], c["C"]).requires_grad_()
         fn(small, c["schedule"], c["protect_first"]).sum().backward()   # warm-up: allocator, lazy init
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        import os
+        with open("/proc/self/statm") as f:  # resident now (ru_maxrss may still hold an earlier peak)
+            before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         fn(x, c["schedule"], c["protect_first"]).square().sum().backward()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+        print(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
