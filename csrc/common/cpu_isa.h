@@ -19,3 +19,19 @@ CpuIsa cpu_isa_active();
 std::string set_cpu_isa(const std::string& name);
 
 }  // namespace fastvq
+
+// Per-ISA kernel files compile one algorithm several times, each copy in a namespace <prefix>_scalar, and on
+// x86-64 with GCC/Clang also <prefix>_avx2 and <prefix>_avx512 (under `#pragma GCC target`).
+// FASTVQ_CPU_ISA_SWITCH(isa, prefix, stmt) runs `stmt` with `ns` naming the namespace of `isa`.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTVQ_CPU_X86_PATHS 1
+#define FASTVQ_CPU_ISA_SWITCH(isa, prefix, ...)                                           \
+  switch (isa) {                                                                          \
+    case ::fastvq::CpuIsa::kAVX512: { namespace ns = prefix##_avx512; __VA_ARGS__; } break; \
+    case ::fastvq::CpuIsa::kAVX2: { namespace ns = prefix##_avx2; __VA_ARGS__; } break;     \
+    default: { namespace ns = prefix##_scalar; __VA_ARGS__; } break;                        \
+  }
+#else
+#define FASTVQ_CPU_ISA_SWITCH(isa, prefix, ...) \
+  { namespace ns = prefix##_scalar; __VA_ARGS__; }
+#endif

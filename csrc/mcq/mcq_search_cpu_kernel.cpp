@@ -69,8 +69,7 @@ constexpr int kP = 2;
 
 }  // namespace mcq_scalar
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTVQ_HAVE_X86_PATHS 1
+#if defined(FASTVQ_CPU_X86_PATHS)
 
 // ---- AVX2 + FMA: 8 lanes, 2 rows x 4 vectors (16 ymm registers) ---------------------------------------
 namespace mcq_avx2 {
@@ -138,30 +137,19 @@ constexpr int kP = 4;
 #endif
 
 // ---- dispatch -----------------------------------------------------------------------------------------
-#if defined(FASTVQ_HAVE_X86_PATHS)
-#define FASTVQ_MCQ_ISA_SWITCH(isa, ...)                           \
-  switch (isa) {                                                  \
-    case CpuIsa::kAVX512: { namespace ns = mcq_avx512; __VA_ARGS__; } break; \
-    case CpuIsa::kAVX2: { namespace ns = mcq_avx2; __VA_ARGS__; } break;     \
-    default: { namespace ns = mcq_scalar; __VA_ARGS__; } break;              \
-  }
-#else
-#define FASTVQ_MCQ_ISA_SWITCH(isa, ...) \
-  { namespace ns = mcq_scalar; __VA_ARGS__; }
-#endif
 
 McqSearchCpuPlan mcq_search_cpu_plan(const McqSearchParams& p, CpuIsa isa) {
   McqSearchCpuPlan pl{};
-  FASTVQ_MCQ_ISA_SWITCH(isa, pl = ns::plan(p));
+  FASTVQ_CPU_ISA_SWITCH(isa, mcq, pl = ns::plan(p));
   return pl;
 }
 
 void mcq_prepare_codebook_cpu(const McqSearchParams& p, CpuIsa isa, int64_t g) {
-  FASTVQ_MCQ_ISA_SWITCH(isa, ns::prepare_codebook(p, g));
+  FASTVQ_CPU_ISA_SWITCH(isa, mcq, ns::prepare_codebook(p, g));
 }
 
 void mcq_search_cpu_task(const McqSearchParams& p, CpuIsa isa, int64_t task, float* scratch) {
-  FASTVQ_MCQ_ISA_SWITCH(isa, ns::search_task(p, task, scratch));
+  FASTVQ_CPU_ISA_SWITCH(isa, mcq, ns::search_task(p, task, scratch));
 }
 
 // ---- gather: a copy per (n, g) row; memory-bound, so plain code -------------------------------------

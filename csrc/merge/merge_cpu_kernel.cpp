@@ -42,8 +42,7 @@ struct Vec {
 #include "merge/merge_cpu_kernel.inc"
 }  // namespace merge_scalar
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTVQ_MERGE_X86_PATHS 1
+#if defined(FASTVQ_CPU_X86_PATHS)
 namespace merge_avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -77,26 +76,15 @@ struct Vec {
 }  // namespace merge_avx512
 #endif
 
-#if defined(FASTVQ_MERGE_X86_PATHS)
-#define FASTVQ_MERGE_ISA_SWITCH(isa, ...)                                      \
-  switch (isa) {                                                               \
-    case CpuIsa::kAVX512: { namespace ns = merge_avx512; __VA_ARGS__; } break; \
-    case CpuIsa::kAVX2: { namespace ns = merge_avx2; __VA_ARGS__; } break;     \
-    default: { namespace ns = merge_scalar; __VA_ARGS__; } break;              \
-  }
-#else
-#define FASTVQ_MERGE_ISA_SWITCH(isa, ...) \
-  { namespace ns = merge_scalar; __VA_ARGS__; }
-#endif
 
 void merge_normalize_rows_cpu(CpuIsa isa, const float* in, int64_t in_row_stride, int64_t n, int64_t Cm, float* out, int64_t os_row,
                               int64_t os_k) {
-  FASTVQ_MERGE_ISA_SWITCH(isa, ns::normalize_rows(in, in_row_stride, n, Cm, out, os_row, os_k));
+  FASTVQ_CPU_ISA_SWITCH(isa, merge, ns::normalize_rows(in, in_row_stride, n, Cm, out, os_row, os_k));
 }
 
 void merge_match_rows_cpu(CpuIsa isa, const float* a_hat, int64_t na, int64_t Cm, const float* bt, int64_t ldb,
                           int64_t nb, float* score, int64_t* best, float* scratch) {
-  FASTVQ_MERGE_ISA_SWITCH(isa, ns::match_rows(a_hat, na, Cm, bt, ldb, nb, score, best, scratch));
+  FASTVQ_CPU_ISA_SWITCH(isa, merge, ns::match_rows(a_hat, na, Cm, bt, ldb, nb, score, best, scratch));
 }
 
 }  // namespace fastvq

@@ -89,6 +89,37 @@ __device__ int64_t merge_block_exclusive_scan(int64_t* part) {
   return part[kSelectThreads];
 }
 
+// Block-wide: the items of each of `n_segs` segments, item i (of `n_items`) belonging to segment key(i) (or to
+// none when key(i) < 0). seg_items[seg_off[j] .. seg_off[j + 1]) lists segment j's items in ascending order.
+// Counting and filling scan the keys once per segment (O(n_items * n_segs) per block): deterministic, no atomics.
+template <typename KeyFn>
+__device__ void merge_build_segments(int64_t n_items, int64_t n_segs, KeyFn key, int64_t* seg_off, int64_t* seg_items,
+                                     int64_t* part) {
+  const int64_t chunk = (n_segs + kSelectThreads - 1) / kSelectThreads;
+  const int64_t j0 = threadIdx.x * chunk, j1 = j0 + chunk < n_segs ? j0 + chunk : n_segs;
+  int64_t local = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < n_items; ++i) cnt += key(i) == j ? 1 : 0;
+    seg_off[j + 1] = cnt;
+    local += cnt;
+  }
+  part[threadIdx.x] = local;
+  merge_block_exclusive_scan(part);
+  // Each thread rewrites only its own entries seg_off[j + 1] (count -> end offset); seg_off[0] is 0.
+  int64_t run = part[threadIdx.x];
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t cnt = seg_off[j + 1];
+    int64_t pos = run;
+    for (int64_t i = 0; i < n_items && pos < run + cnt; ++i) {
+      if (key(i) == j) seg_items[pos++] = i;
+    }
+    run += cnt;
+    seg_off[j + 1] = run;
+  }
+  if (threadIdx.x == 0) seg_off[0] = 0;
+}
+
 // Steps 3-4 for one image per block. Afterwards best[i] is -1 for every unmerged A token.
 template <typename T>
 __global__ void __launch_bounds__(kSelectThreads) merge_select_kernel(const MergeParams p) {
@@ -144,30 +175,8 @@ __global__ void __launch_bounds__(kSelectThreads) merge_select_kernel(const Merg
   }
   for (int64_t j = threadIdx.x; j < nB; j += kSelectThreads) assign[2 * j + 1] = nA - r + j;
 
-  // 4b. the merged A tokens of each B token j: counts, offsets, then the segment filled in ascending i.
-  const int64_t jchunk = (nB + kSelectThreads - 1) / kSelectThreads;
-  const int64_t j0 = threadIdx.x * jchunk, j1 = j0 + jchunk < nB ? j0 + jchunk : nB;
-  local = 0;
-  for (int64_t j = j0; j < j1; ++j) {
-    int64_t cnt = 0;
-    for (int64_t i = 0; i < nA; ++i) cnt += best[i] == j ? 1 : 0;
-    seg_off[j + 1] = cnt;
-    local += cnt;
-  }
-  part[threadIdx.x] = local;
-  merge_block_exclusive_scan(part);
-  // Each thread rewrites only its own entries seg_off[j + 1] (count -> end offset); seg_off[0] is 0.
-  int64_t run = part[threadIdx.x];
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t cnt = seg_off[j + 1];
-    int64_t pos = run;
-    for (int64_t i = 0; i < nA && pos < run + cnt; ++i) {
-      if (best[i] == j) seg_items[pos++] = i;
-    }
-    run += cnt;
-    seg_off[j + 1] = run;
-  }
-  if (threadIdx.x == 0) seg_off[0] = 0;
+  // 4b. the merged A tokens of each B token j, in ascending i (unmerged ones have best -1).
+  merge_build_segments(nA, nB, [best](int64_t i) { return best[i]; }, seg_off, seg_items, part);
 }
 
 // sizes must be positive (NaN fails too): the merge divides by their sums. Its own kernel: an assert inside
@@ -264,28 +273,8 @@ __global__ void __launch_bounds__(kSelectThreads) unmerge_segments_kernel(const 
     const int64_t v = src[q * p.src_st];
     FASTVQ_KERNEL_ASSERT(v >= 0 && v < p.T && "unmerge_backward: source out of range [0, num_tokens)");
   }
-  const int64_t chunk = (p.T + kSelectThreads - 1) / kSelectThreads;
-  const int64_t j0 = threadIdx.x * chunk, j1 = j0 + chunk < p.T ? j0 + chunk : p.T;
-  int64_t local = 0;
-  for (int64_t j = j0; j < j1; ++j) {
-    int64_t cnt = 0;
-    for (int64_t q = 0; q < p.T0; ++q) cnt += src[q * p.src_st] == j ? 1 : 0;
-    seg_off[j + 1] = cnt;
-    local += cnt;
-  }
-  part[threadIdx.x] = local;
-  merge_block_exclusive_scan(part);
-  int64_t run = part[threadIdx.x];
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t cnt = seg_off[j + 1];
-    int64_t pos = run;
-    for (int64_t q = 0; q < p.T0 && pos < run + cnt; ++q) {
-      if (src[q * p.src_st] == j) seg_items[pos++] = q;
-    }
-    run += cnt;
-    seg_off[j + 1] = run;
-  }
-  if (threadIdx.x == 0) seg_off[0] = 0;
+  const int64_t st = p.src_st;
+  merge_build_segments(p.T0, p.T, [src, st](int64_t q) { return src[q * st]; }, seg_off, seg_items, part);
 }
 
 // unmerge_backward, part 2: one token j per block, threads over channels, its positions summed in order.

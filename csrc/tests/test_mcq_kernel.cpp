@@ -10,18 +10,10 @@
 #include "common/cpu_isa.h"
 #include "mcq/mcq_search_cpu_kernel.h"
 
+#include "tests/test_util.h"
+
 using namespace fastvq;
 
-static int g_failures = 0;
-#define EXPECT(cond, ...)                                   \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      ++g_failures;                                         \
-      std::fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                    \
-      std::fprintf(stderr, "\n");                           \
-    }                                                       \
-  } while (0)
 
 struct Result {
   std::vector<int64_t> idx;

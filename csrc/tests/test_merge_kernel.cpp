@@ -13,18 +13,10 @@
 #include "merge/merge.h"
 #include "merge/merge_cpu_kernel.h"
 
+#include "tests/test_util.h"
+
 using namespace fastvq;
 
-static int g_failures = 0;
-#define EXPECT(cond, ...)                                                    \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      ++g_failures;                                                          \
-      std::fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                     \
-      std::fprintf(stderr, "\n");                                            \
-    }                                                                        \
-  } while (0)
 
 struct Match {
   std::vector<float> score;
