@@ -66,6 +66,15 @@ def test_bipartite_merge_every_isa_is_bitwise_equal(cpu_isa):
         assert torch.equal(a, b)
 
 
+def test_batch_and_single_image_paths_agree():
+    # many images: one image per task; few: an image's rows split over tasks. Same bits either way.
+    x, metric, sizes = make(8, 150, 12, 24)
+    batched = bipartite_merge(x, metric, sizes, 40)
+    for b in (0, 5):
+        single = bipartite_merge(x[b:b + 1], metric[b:b + 1], sizes[b:b + 1], 40)
+        assert all(torch.equal(u[b:b + 1], v) for u, v in zip(batched, single))
+
+
 def test_mixed_dtypes_and_strided_inputs():
     B, T, C, Cm = 3, 40, 12, 10
     xbuf = torch.randn(T, B, 2 * C).to(torch.bfloat16)

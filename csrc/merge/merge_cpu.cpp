@@ -29,11 +29,28 @@ void match_float(const MergeParams& p, const at::Tensor& metric) {
   const int64_t m_sb = m.stride(0), m_st = m.stride(1);
   const int64_t Cm = p.Cm, nA = p.nA, nB = p.nB;
   const int64_t ldb = std::max<int64_t>(kMergeCpuColAlign, (nB + kMergeCpuColAlign - 1) / kMergeCpuColAlign * kMergeCpuColAlign);
+  const CpuIsa isa = cpu_isa_active();
+  float* score = static_cast<float*>(p.score);
+  if (p.B >= 2 * at::get_num_threads()) {
+    // Enough images for every thread: one image per task, its normalised rows in thread-local scratch
+    // (the transposed B side of an image stays in cache for all its A rows).
+    at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> a_hat(nA * Cm), bt(Cm * ldb, 0.f), scratch(4 * ldb);  // padding columns stay 0
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* img = mp + b * m_sb;
+        merge_normalize_rows_cpu(isa, img, 2 * m_st, nA, Cm, a_hat.data(), Cm, 1);
+        merge_normalize_rows_cpu(isa, img + m_st, 2 * m_st, nB, Cm, bt.data(), 1, ldb);
+        merge_match_rows_cpu(isa, a_hat.data(), nA, Cm, bt.data(), ldb, nB, score + b * nA, p.best + b * nA,
+                             scratch.data());
+      }
+    });
+    return;
+  }
+  // Few images: normalise every image first, then split each image's A rows over tasks.
   const at::Tensor a_hat = at::empty({p.B, nA, Cm}, m.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor bt = at::zeros({p.B, Cm, ldb}, a_hat.options());  // transposed B side, zero padding columns
   float* ap = a_hat.data_ptr<float>();
   float* bp = bt.data_ptr<float>();
-  const CpuIsa isa = cpu_isa_active();
   at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* img = mp + b * m_sb;
@@ -43,7 +60,6 @@ void match_float(const MergeParams& p, const at::Tensor& metric) {
   });
   constexpr int64_t kRowsPerTask = 64;
   const int64_t blocks = (nA + kRowsPerTask - 1) / kRowsPerTask;
-  float* score = static_cast<float*>(p.score);
   at::parallel_for(0, p.B * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(4 * ldb);
     for (int64_t t = t0; t < t1; ++t) {

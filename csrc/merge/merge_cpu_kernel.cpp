@@ -38,6 +38,11 @@ struct Vec {
     for (int l = 0; l < L; ++l) r.v[l] = __builtin_fmaf(a.v[l], b.v[l], c.v[l]);
     return r;
   }
+  static F max_keep(const F& a, const F& b) {  // a > b ? a : b: a NaN `a` never replaces b
+    F r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l];
+    return r;
+  }
 };
 #include "merge/merge_cpu_kernel.inc"
 }  // namespace merge_scalar
@@ -54,6 +59,7 @@ struct Vec {
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F zero() { return _mm256_setzero_ps(); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F max_keep(F a, F b) { return _mm256_max_ps(a, b); }  // (a > b) ? a : b, NaN a -> b
 };
 #include "merge/merge_cpu_kernel.inc"
 #pragma GCC pop_options
@@ -62,6 +68,9 @@ struct Vec {
 namespace merge_avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx2,fma")
+// GCC 12 warns about the deliberately undefined pass-through operand inside _mm512_max_ps.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 struct Vec {
   static constexpr int L = 16;
   using F = __m512;
@@ -70,8 +79,10 @@ struct Vec {
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F zero() { return _mm512_setzero_ps(); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F max_keep(F a, F b) { return _mm512_max_ps(a, b); }  // (a > b) ? a : b, NaN a -> b
 };
 #include "merge/merge_cpu_kernel.inc"
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 }  // namespace merge_avx512
 #endif
