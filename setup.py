@@ -70,7 +70,7 @@ def make_extensions():
     if use_cuda:
         defines.append("-DFASTVQ_WITH_CUDA")
     cxx = opt + defines + ["-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-    nvcc = opt + defines + ["-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
+    nvcc = opt + defines + ["-lineinfo", "--expt-relaxed-constexpr", "--fmad=false", "-Xcompiler", "-fopenmp"]
     ext_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
     return [ext_cls(
         name="fastvq._C",

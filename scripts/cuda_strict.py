@@ -44,7 +44,7 @@ def nvcc_command(src: Path, out: Path) -> list[str]:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     return [os.path.join(cuda_home, "bin", "nvcc"), "-c", str(src), "-o", str(out),
             *[f"-I{p}" for p in includes], *cpp_extension.COMMON_NVCC_FLAGS, abi,
-            "-std=c++20", "-O3", "-DNDEBUG", "-DFASTVQ_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+            "-std=c++20", "-O3", "--fmad=false", "-DNDEBUG", "-DFASTVQ_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
             "-DTORCH_API_INCLUDE_EXTENSION_H", "-Xcompiler", "-fPIC", *gencode,
             "-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage,-Werror"]
 
