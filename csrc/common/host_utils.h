@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "common/huge_pages.h"
+
 namespace fastvq {
 
 // The floating dtypes fastvq ops accept.
@@ -17,6 +19,12 @@ inline int64_t leading_numel(const at::Tensor& t, int64_t trailing) {
   int64_t n = 1;
   for (int64_t i = 0; i < t.dim() - trailing; ++i) n *= t.size(i);
   return n;
+}
+
+// A freshly allocated CPU output about to be written in full: large ones get huge pages (huge_pages.h).
+inline const at::Tensor& advise_huge_pages(const at::Tensor& t) {
+  if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
 }
 
 }  // namespace fastvq

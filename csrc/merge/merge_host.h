@@ -50,7 +50,7 @@ inline MergeSetup bipartite_merge_setup(const at::Tensor& x, const at::Tensor& m
   const auto acc = merge_acc_type(x.scalar_type());
   s.score_type = merge_acc_type(metric.scalar_type());
   s.sizes_acc = sizes.to(acc).contiguous();
-  s.merged = at::empty({B, T - r, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  s.merged = advise_huge_pages(at::empty({B, T - r, C}, x.options().memory_format(at::MemoryFormat::Contiguous)));
   s.merged_sizes_acc = at::empty({B, T - r}, x.options().dtype(acc));
   s.assign = at::empty({B, T}, x.options().dtype(at::kLong));
   const auto lopt = x.options().dtype(at::kLong);
@@ -98,7 +98,8 @@ inline MergeBackwardSetup bipartite_merge_backward_setup(const at::Tensor& grad,
   const auto acc = merge_acc_type(grad.scalar_type());
   s.w_sizes = sizes.to(acc).contiguous();
   s.w_merged = merged_sizes.to(acc).contiguous();
-  s.grad_x = at::empty({grad.size(0), assign.size(1), grad.size(2)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  s.grad_x = advise_huge_pages(
+      at::empty({grad.size(0), assign.size(1), grad.size(2)}, grad.options().memory_format(at::MemoryFormat::Contiguous)));
   return s;
 }
 
@@ -126,7 +127,8 @@ inline at::Tensor unmerge_setup(const at::Tensor& merged, const at::Tensor& sour
   TORCH_CHECK(is_supported_float(merged.scalar_type()),
               "unmerge: merged must be float32, float16, bfloat16 or float64, got ", merged.scalar_type());
   merge_check_source("unmerge", source, merged.size(0), merged.device());
-  return at::empty({merged.size(0), source.size(1), merged.size(2)}, merged.options().memory_format(at::MemoryFormat::Contiguous));
+  return advise_huge_pages(at::empty({merged.size(0), source.size(1), merged.size(2)},
+                                     merged.options().memory_format(at::MemoryFormat::Contiguous)));
 }
 
 // unmerge_backward(grad [B, T0, C], source [B, T0], num_tokens T) -> [B, T, C]
@@ -138,7 +140,8 @@ inline at::Tensor unmerge_backward_setup(const at::Tensor& grad, const at::Tenso
   TORCH_CHECK(source.size(1) == grad.size(1), "unmerge_backward: source must be [B, T0] with T0=", grad.size(1),
               ", got shape ", source.sizes());
   TORCH_CHECK(num_tokens >= 0, "unmerge_backward: num_tokens must be >= 0, got ", num_tokens);
-  return at::empty({grad.size(0), num_tokens, grad.size(2)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  return advise_huge_pages(
+      at::empty({grad.size(0), num_tokens, grad.size(2)}, grad.options().memory_format(at::MemoryFormat::Contiguous)));
 }
 
 // compose_source(source [B, T0], assign [B, T]) -> [B, T0]
