@@ -13,4 +13,9 @@
   X("lfq_entropy(Tensor z, float temperature=0.01, int group_bits=0) -> "                            \
     "(Tensor sample_entropy, Tensor codebook_entropy, Tensor code_probs)")                            \
   X("lfq_entropy_backward(Tensor? grad_sample, Tensor? grad_codebook, Tensor? grad_code_probs, "     \
-    "Tensor z, Tensor code_probs, float temperature, int group_bits) -> Tensor")
+    "Tensor z, Tensor code_probs, float temperature, int group_bits) -> Tensor")                      \
+  /* Compressed-KV autoregressive decoding (MergeAR). docs/ops/decode.md */                           \
+  X("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float? scale=None, "  \
+    "Tensor? bias=None) -> Tensor")                                                                   \
+  X("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, Tensor k_new, "            \
+    "Tensor v_new, Tensor keep) -> ()")

@@ -1,6 +1,7 @@
 """fastvq ops: every function calls a ``torch.ops.fastvq.*`` op (CPU and CUDA kernels, fake kernels for
 torch.compile, autograd where differentiable)."""
+from fastvq.ops.decode import decode_attention, kv_append
 from fastvq.ops.lfq import lfq_codes_from_ids, lfq_entropy, lfq_quantize
 from fastvq.ops.mcq import mcq_gather, mcq_search
 
-__all__ = ["mcq_search", "mcq_gather", "lfq_quantize", "lfq_codes_from_ids", "lfq_entropy"]
+__all__ = ["mcq_search", "mcq_gather", "lfq_quantize", "lfq_codes_from_ids", "lfq_entropy", "decode_attention", "kv_append"]

@@ -1,4 +1,5 @@
 """Pure-PyTorch references of every fastvq op: the oracles the tests compare kernels against."""
+from fastvq.reference.decode import decode_attention_full_mask_ref, decode_attention_ref, kv_append_ref
 from fastvq.reference.lfq import (
     lfq_codes_from_ids_ref,
     lfq_entropy_factorized_ref,
@@ -12,4 +13,5 @@ __all__ = [
     "mcq_search_ref", "mcq_gather_ref", "multi_codebook_quantize_ref",
     "lfq_quantize_ref", "lfq_codes_from_ids_ref", "lfq_entropy_ref", "lfq_entropy_factorized_ref",
     "lfq_loss_ref",
+    "decode_attention_ref", "kv_append_ref", "decode_attention_full_mask_ref",
 ]
