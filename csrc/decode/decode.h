@@ -144,7 +144,7 @@ FASTVQ_HOST_DEVICE DecodeMerge decode_merge_factors(float m1, float m2) {
 
 FASTVQ_HOST_DEVICE float decode_merge(float x1, float x2, const DecodeMerge& f) { return fmaf(x1, f.a1, x2 * f.a2); }
 
-// The final division: zeros for an empty softmax.
-FASTVQ_HOST_DEVICE float decode_finish(float acc, float l) { return l > 0.f ? acc / l : 0.f; }
+// The final division: zeros for an empty softmax (l == 0); a NaN l (NaN logits) stays NaN.
+FASTVQ_HOST_DEVICE float decode_finish(float acc, float l) { return l == 0.f ? 0.f : acc / l; }
 
 }  // namespace fastvq

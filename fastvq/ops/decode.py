@@ -73,6 +73,9 @@ def _decode_attention_fake(q, k_cache, v_cache, lengths, scale=None, bias=None):
                  lambda: f"{op}: v_cache must have k_cache's shape {list(k_cache.shape)}, got {list(v_cache.shape)}")
     torch._check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
                  lambda: f"{op}: k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype} and {v_cache.dtype}")
+    torch._check(k_cache.device == q.device and v_cache.device == q.device,
+                 lambda: f"{op}: q, k_cache and v_cache must be on one device, got {q.device}, {k_cache.device} "
+                         f"and {v_cache.device}")
     B, Hq, D = q.shape
     _, Hkv, Lmax, _ = k_cache.shape
     torch._check(k_cache.shape[0] == B and k_cache.shape[3] == D,
@@ -83,6 +86,7 @@ def _decode_attention_fake(q, k_cache, v_cache, lengths, scale=None, bias=None):
     torch._check(Hq // Hkv <= MAX_GROUP, lambda: f"{op}: at most {MAX_GROUP} query heads per kv-head, got Hq / Hkv = {Hq // Hkv}")
     _check_lengths(op, lengths, B, q.device)
     if bias is not None:
+        torch._check(bias.device == q.device, lambda: f"{op}: bias must be on {q.device}, got {bias.device}")
         torch._check(bias.dtype in _FLOATS, lambda: f"{op}: bias must be float32, float16 or bfloat16, got {bias.dtype}")
         torch._check(bias.dim() == 2 and bias.shape[0] == B and bias.shape[1] == Lmax,
                      lambda: f"{op}: bias must be [B, Lmax] = [{B}, {Lmax}], got shape {list(bias.shape)}")
@@ -105,9 +109,12 @@ def _kv_append_fake(k_cache, v_cache, lengths, k_new, v_new, keep):
     for t in (v_cache, k_new, v_new):
         torch._check(t.dtype == k_cache.dtype,
                      lambda: f"{op}: v_cache, k_new and v_new must have k_cache's dtype {k_cache.dtype}, got {t.dtype}")
+        torch._check(t.device == k_cache.device,
+                     lambda: f"{op}: every tensor must be on k_cache's device {k_cache.device}, got {t.device}")
     _check_lengths(op, lengths, B, k_cache.device)
     torch._check(keep.dtype == torch.bool, lambda: f"{op}: keep must be bool, got {keep.dtype}")
     torch._check(keep.dim() == 1 and keep.shape[0] == B, lambda: f"{op}: keep must be [B] = [{B}], got shape {list(keep.shape)}")
+    torch._check(keep.device == k_cache.device, lambda: f"{op}: keep must be on {k_cache.device}, got {keep.device}")
     return None
 
 
