@@ -9,8 +9,9 @@ over the kept entries and the token itself, then keeps the token only where it i
   row is released for duplicates (what :meth:`fastvq.nn.CompressedKVCache.attend` does);
 - ``sdpa-sliced``: the same compacted cache, ``scaled_dot_product_attention`` over its slice ``[:n + 1]``
   (the best a user writes by hand; only possible when every sequence keeps the same count);
-- ``full-mask``: the uncompressed loop: a cache of every position and a boolean mask hiding the dropped
-  ones, SDPA over ``[:t + 1]``.
+- ``full-mask``: the uncompressed loop the issue measured: a full-length (static, 256-row) cache of every
+  position and a boolean mask hiding the dropped (and future) ones, SDPA over all of it;
+- ``full-prefix-mask``: the same over the filled prefix ``[:t + 1]`` only (the cheapest uncompressed loop).
 
 ``bytes`` is the K/V cache bytes read by the compacted kernels over the 256 steps (for the bandwidth
 fraction); ``rows`` is the number of tokens decoded (B * 256).
@@ -89,17 +90,33 @@ class DecodeProblem:
         return out[:, :, 0]
 
     def full_mask(self) -> torch.Tensor:
-        kc = torch.empty(self.batch, self.heads, self.steps, self.dim, dtype=self.dtype)
-        vc = torch.empty_like(kc)
-        mask = self.keep.clone()
+        """A full-length (static) cache of every position and a boolean mask over all of it: the kept
+        entries so far and the token itself (later positions are hidden too)."""
+        kc = torch.zeros(self.batch, self.heads, self.steps, self.dim, dtype=self.dtype)
+        vc = torch.zeros_like(kc)
+        mask = torch.zeros(self.steps, dtype=torch.bool)
         out = None
         for t in range(self.steps):
             kc[:, :, t] = self.k[t]
             vc[:, :, t] = self.v[t]
-            m = mask[: t + 1].clone()
-            m[t] = True  # the token sees itself
+            mask[t] = True  # the token sees itself ...
+            out = F.scaled_dot_product_attention(self.q[t][:, :, None], kc, vc, attn_mask=mask[None, None, None, :])
+            mask[t] = self.keep_list[t]  # ... and later tokens see it only if it is kept
+        return out[:, :, 0]
+
+    def full_prefix_mask(self) -> torch.Tensor:
+        """Like full_mask, but attending only the prefix [:t + 1] of the full cache."""
+        kc = torch.empty(self.batch, self.heads, self.steps, self.dim, dtype=self.dtype)
+        vc = torch.empty_like(kc)
+        mask = torch.zeros(self.steps, dtype=torch.bool)
+        out = None
+        for t in range(self.steps):
+            kc[:, :, t] = self.k[t]
+            vc[:, :, t] = self.v[t]
+            mask[t] = True
             out = F.scaled_dot_product_attention(self.q[t][:, :, None], kc[:, :, : t + 1], vc[:, :, : t + 1],
-                                                 attn_mask=m[None, None, None, :])
+                                                 attn_mask=mask[None, None, None, : t + 1])
+            mask[t] = self.keep_list[t]
         return out[:, :, 0]
 
 
@@ -107,6 +124,7 @@ IMPLS: dict[str, Callable[[DecodeProblem], torch.Tensor]] = {
     "fastvq": DecodeProblem.fastvq,
     "sdpa-sliced": DecodeProblem.sdpa_sliced,
     "full-mask": DecodeProblem.full_mask,
+    "full-prefix-mask": DecodeProblem.full_prefix_mask,
 }
 BASELINE = {"full-mask": "reference", "sdpa-sliced": "faiss"}  # the table's "vs ref" / "vs faiss" columns
 
