@@ -13,7 +13,7 @@ over the kept entries and the token itself, then keeps the token only where it i
   position and a boolean mask hiding the dropped (and future) ones, SDPA over all of it;
 - ``full-prefix-mask``: the same over the filled prefix ``[:t + 1]`` only (the cheapest uncompressed loop).
 
-``bytes`` is the K/V cache bytes read by the compacted kernels over the 256 steps (for the bandwidth
+``bytes`` is the K/V cache bytes each implementation reads over the 256 steps (for the bandwidth
 fraction); ``rows`` is the number of tokens decoded (B * 256).
 """
 from __future__ import annotations
@@ -58,11 +58,12 @@ class DecodeProblem:
         self.drop_b = (~self.keep_b).to(torch.int32)
         self.batch, self.heads, self.dim, self.steps, self.kept, self.dtype = batch, heads, dim, steps, kept, dtype
 
-    def cache_bytes_read(self) -> int:
-        """K and V bytes the compacted kernels read over all steps (kept entries so far + the token)."""
+    def cache_bytes_read(self, impl: str = "fastvq") -> int:
+        """K and V bytes an implementation reads over all steps: the kept entries so far and the token
+        (compacted caches), every row (full-mask), or the filled prefix (full-prefix-mask)."""
         n, total = 0, 0
         for t in range(self.steps):
-            total += n + 1
+            total += {"full-mask": self.steps, "full-prefix-mask": t + 1}.get(impl, n + 1)
             n += int(self.keep_list[t])
         return total * self.batch * self.heads * self.dim * 2 * self.q.element_size()
 
@@ -147,4 +148,4 @@ def test_decode_loop(benchmark: BenchmarkFixture, bench_config: BenchConfig, imp
     run(benchmark, bench_config, lambda: IMPLS[impl](problem),
         f"decode {STEPS} steps B={batch} H={H} d={D} fp32, {pruning}% pruned (256->{KEPT[pruning]})",
         op="decode_attention", impl=impl, N=batch, rows=batch * STEPS, G=-pruning,
-        bytes=problem.cache_bytes_read(), **info)
+        bytes=problem.cache_bytes_read(impl), **info)
