@@ -149,3 +149,25 @@ def test_decode_loop(benchmark: BenchmarkFixture, bench_config: BenchConfig, imp
         f"decode {STEPS} steps B={batch} H={H} d={D} fp32, {pruning}% pruned (256->{KEPT[pruning]})",
         op="decode_attention", impl=impl, N=batch, rows=batch * STEPS, G=-pruning,
         bytes=problem.cache_bytes_read(impl), **info)
+
+
+CALL_IMPLS = ("fastvq", "sdpa-sliced")
+
+
+@pytest.mark.parametrize("length", [145, 1024])
+@pytest.mark.parametrize("impl", CALL_IMPLS)
+def test_decode_call(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, length: int) -> None:
+    """One decode_attention call over full caches of ``length`` rows (B=32, 12 heads, d=64, fp32): 145 rows
+    (the 44% case's last step, 28.5 MB: L3-resident here) and 1,024 (201 MB: from DRAM). ``bytes`` = K and V."""
+    batch = bench_config.scaled(B * 16) // 16 or 1
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(batch, H, D, generator=gen)
+    k, v = (torch.randn(batch, H, length, D, generator=gen) for _ in range(2))
+    lengths = torch.full((batch,), length, dtype=torch.int32)
+    if impl == "fastvq":
+        fn = lambda: decode_attention(q, k, v, lengths)  # noqa: E731
+    else:
+        fn = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v)  # noqa: E731
+    run(benchmark, bench_config, fn, f"decode_attention B={batch} H={H} L={length} d={D} fp32 (one call)",
+        op="decode_attention", impl=impl, N=batch, rows=batch, G=-1000 - length, bytes=k.nbytes + v.nbytes,
+        **({"baseline": "faiss"} if impl == "sdpa-sliced" else {}))
