@@ -147,6 +147,7 @@ def test_decode_loop(benchmark: BenchmarkFixture, bench_config: BenchConfig, imp
     info = {"baseline": BASELINE[impl]} if impl in BASELINE else {}
     run(benchmark, bench_config, lambda: IMPLS[impl](problem),
         f"decode {STEPS} steps B={batch} H={H} d={D} fp32, {pruning}% pruned (256->{KEPT[pruning]})",
+        # (G only orders fastvq.bench's table: by pruning, the loop cases before the single calls)
         op="decode_attention", impl=impl, N=batch, rows=batch * STEPS, G=-pruning,
         bytes=problem.cache_bytes_read(impl), **info)
 
