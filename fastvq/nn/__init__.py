@@ -1,7 +1,9 @@
 """fastvq modules: thin nn.Modules over fastvq ops, with vector-quantize-pytorch's conventions
 (``forward`` returns ``quantized, indices, loss``)."""
+from fastvq.nn.decode import CompressedKVCache, first_occurrence, merge_causal_mask
 from fastvq.nn.lfq import LFQ
 from fastvq.nn.mcq import MultiCodebookQuantizer
 from fastvq.nn.merge import MergingViTBlock, merge_schedule, proportional_attention_bias
 
-__all__ = ["MultiCodebookQuantizer", "LFQ", "MergingViTBlock", "merge_schedule", "proportional_attention_bias"]
+__all__ = ["MultiCodebookQuantizer", "LFQ", "MergingViTBlock", "merge_schedule", "proportional_attention_bias",
+           "CompressedKVCache", "first_occurrence", "merge_causal_mask"]

@@ -1,0 +1,100 @@
+// CPU host functions of the decode ops: checks (decode_host.h), the lengths range check, and the parallel
+// loop over (sequence, kv-head) tasks of the torch-free core (decode_attention_cpu_kernel.cpp).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "common/cpu_isa.h"
+#include "decode/decode_attention_cpu_kernel.h"
+#include "decode/decode_host.h"
+
+namespace fastvq {
+namespace {
+
+// The first b with lengths[b] outside [lo, hi], or -1.
+int64_t first_length_outside(const DecodeIndex type, const void* lengths, int64_t stride, int64_t B, int64_t lo,
+                             int64_t hi) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = decode_load_index(lengths, type, b * stride);
+    if (n < lo || n > hi) return b;
+  }
+  return -1;
+}
+
+}  // namespace
+
+// q [B, Hq, D], k_cache / v_cache [B, Hkv, Lmax, D], lengths [B], bias [B, Lmax] -> out [B, Hq, D] (q's dtype)
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& lengths, std::optional<double> scale,
+                                const std::optional<at::Tensor>& bias) {
+  const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale);
+  at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options().dtype(at::kFloat));
+  DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
+  const int64_t bad = first_length_outside(p.lengths_type, p.lengths, p.lengths_stride, s.B, 0, s.Lmax);
+  TORCH_CHECK(bad < 0, "decode_attention: lengths must be in [0, Lmax] = [0, ", s.Lmax, "], got ",
+              bad < 0 ? 0 : decode_load_index(p.lengths, p.lengths_type, bad * p.lengths_stride), " at sequence ", bad);
+  if (out.numel() == 0) return out.to(q.scalar_type());
+  const CpuIsa isa = cpu_isa_active();
+  const int64_t scratch_floats = decode_attention_cpu_scratch_floats(p);
+  // A task reads about Lmax * D * 2 elements; small problems stay on one thread.
+  const int64_t task_work = std::max<int64_t>(1, s.Lmax * s.D * 2 * s.G);
+  at::parallel_for(0, s.B * s.Hkv, std::max<int64_t>(1, 32768 / task_work), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t t = begin; t < end; ++t) decode_attention_cpu_task(p, isa, t, scratch.data());
+  });
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+// Mutates k_cache, v_cache [B, Hkv, Lmax, D] and lengths [B]: where keep[b], row lengths[b] of sequence b
+// becomes k_new[b] / v_new[b] ([B, Hkv, D]) and lengths[b] grows by one. All checks come before any write.
+void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
+                   const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep) {
+  const KvAppendParams p = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep);
+  if (p.B == 0) return;
+  const int64_t bad = first_length_outside(p.lengths_type, p.lengths, p.lengths_stride, p.B, 0, p.Lmax);
+  TORCH_CHECK(bad < 0, "kv_append: lengths must be in [0, Lmax] = [0, ", p.Lmax, "], got ",
+              bad < 0 ? 0 : decode_load_index(p.lengths, p.lengths_type, bad * p.lengths_stride), " at sequence ", bad);
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t n = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
+    TORCH_CHECK(!p.keep[b * p.keep_stride] || n < p.Lmax, "kv_append: the cache of sequence ", b,
+                " is full (lengths[", b, "] = Lmax = ", p.Lmax, "); allocate a longer cache");
+  }
+  const int64_t elem = k_cache.element_size();
+  at::parallel_for(0, p.B * p.Hkv, std::max<int64_t>(1, 8192 / std::max<int64_t>(p.D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / p.Hkv, h = i % p.Hkv;
+      if (!p.keep[b * p.keep_stride]) continue;
+      const int64_t n = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
+      auto copy = [&](void* cache, int64_t sb, int64_t sh, int64_t sl, int64_t sd, const void* src, int64_t nb,
+                      int64_t nh, int64_t nd) {
+        char* dst = static_cast<char*>(cache) + (b * sb + h * sh + n * sl) * elem;
+        const char* from = static_cast<const char*>(src) + (b * nb + h * nh) * elem;
+        if (sd == 1 && nd == 1) {
+          std::memcpy(dst, from, p.D * elem);
+        } else {
+          for (int64_t d = 0; d < p.D; ++d) std::memcpy(dst + d * sd * elem, from + d * nd * elem, elem);
+        }
+      };
+      copy(p.k_cache, p.kc_stride_b, p.kc_stride_h, p.kc_stride_l, p.kc_stride_d, p.k_new, p.kn_stride_b,
+           p.kn_stride_h, p.kn_stride_d);
+      copy(p.v_cache, p.vc_stride_b, p.vc_stride_h, p.vc_stride_l, p.vc_stride_d, p.v_new, p.vn_stride_b,
+           p.vn_stride_h, p.vn_stride_d);
+    }
+  });
+  for (int64_t b = 0; b < p.B; ++b) {
+    if (!p.keep[b * p.keep_stride]) continue;
+    const int64_t i = b * p.lengths_stride;
+    decode_store_index(p.lengths, p.lengths_type, i, decode_load_index(p.lengths, p.lengths_type, i) + 1);
+  }
+}
+
+TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
+  m.impl("decode_attention", &decode_attention_cpu);
+  m.impl("kv_append", &kv_append_cpu);
+}
+
+}  // namespace fastvq
