@@ -41,19 +41,20 @@ def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], objec
 
 
 def peak_bytes(impl: str, rows: int) -> int:
-    """Peak RSS increase of one entropy loss forward + backward on ``rows`` rows, in a fresh process
-    (inputs are created before the baseline is taken)."""
+    """Peak resident memory of one entropy loss forward + backward on ``rows`` rows above what was resident
+    before it (fastvq.bench.peak_rss_increase), in a fresh process."""
     code = textwrap.dedent(f"""
-        import resource, torch, fastvq
+        import torch, fastvq
         from fastvq.ops import lfq_entropy
         from fastvq.reference import lfq_entropy_ref, lfq_quantize_ref
         fn = {{"fastvq": lfq_entropy, "reference": lfq_entropy_ref}}["{impl}"]
         z = torch.randn({rows}, {D}, generator=torch.Generator().manual_seed(0)).requires_grad_()
         small = torch.randn(8, {D}).requires_grad_()
+        from fastvq.bench import peak_rss_increase
         s, c = fn(small, {TEMPERATURE})[:2]; (s - c).backward()       # warm-up: allocator, lazy init
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        s, c = fn(z, {TEMPERATURE})[:2]; (s - c).backward()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+        def step():
+            s, c = fn(z, {TEMPERATURE})[:2]; (s - c).backward()
+        print(peak_rss_increase(step))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])

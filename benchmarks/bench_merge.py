@@ -78,9 +78,11 @@ def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], objec
 
 
 def peak_bytes(impl: str, case: str, B: int) -> int:
-    """Peak RSS increase of one forward + backward of ``case`` with ``B`` images, in a fresh process."""
+    """Peak resident memory of one forward + backward of ``case`` with ``B`` images above what was resident
+    before it (fastvq.bench.peak_rss_increase), in a fresh process."""
     code = textwrap.dedent(f"""
-        import resource, sys, torch
+        import sys, torch
+        from fastvq.bench import peak_rss_increase
         sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
         from bench_merge import CASES, PIPELINES
         c = CASES[{case!r}]
@@ -88,11 +90,7 @@ def peak_bytes(impl: str, case: str, B: int) -> int:
         x = torch.randn({B}, c["T"], c["C"], generator=torch.Generator().manual_seed(0)).requires_grad_()
         small = torch.randn(2, c["T"], c["C"]).requires_grad_()
         fn(small, c["schedule"], c["protect_first"]).sum().backward()   # warm-up: allocator, lazy init
-        import os
-        with open("/proc/self/statm") as f:  # resident now (ru_maxrss may still hold an earlier peak)
-            before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        fn(x, c["schedule"], c["protect_first"]).square().sum().backward()
-        print(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+        print(peak_rss_increase(lambda: fn(x, c["schedule"], c["protect_first"]).square().sum().backward()))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])

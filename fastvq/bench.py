@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,28 @@ def run_benchmarks(directory: Path, json_path: Path, quick: bool, keyword: str |
     if keyword:
         args += ["-k", keyword]
     return int(pytest.main(args))
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def peak_rss_increase(fn: Callable[[], object]) -> int:
+    """Bytes of peak resident memory while ``fn()`` runs, above the resident memory just before it.
+
+    Linux: resets the process's high-water mark (``/proc/self/clear_refs``), runs ``fn``, reads ``VmHWM``.
+    (``ru_maxrss`` is not usable: a process started by fork + exec inherits its parent's high-water mark,
+    so a benchmark subprocess of a large pytest process would report the parent's peak.) Run it in a
+    fresh process, after a warm-up, with the inputs already allocated."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_bytes("VmRSS")
+    fn()
+    return max(0, _proc_status_bytes("VmHWM") - before)
 
 
 def impl_label(info: dict[str, Any]) -> str:
@@ -143,8 +166,8 @@ TABLE_HEADER = ["case", "impl", "rows", "median", "throughput",
                 "vs ref", "vs faiss", "% ceiling", "peak mem"]
 TABLE_NOTES = ("rows: rows of z timed (the reference times the first rows of the case); "
                "speed-ups compare rows/s.\n% ceiling: search GFLOP/s (2*rows*G*K*d / median) "
-               "over the fp32 matmul GFLOP/s above; GB/s rows: over the copy bandwidth above.\npeak mem: peak RSS increase of one call "
-               "(lfq_entropy, merge: forward + backward), in a fresh process.\ndecode_attention: rows = tokens decoded; "
+               "over the fp32 matmul GFLOP/s above; GB/s rows: over the copy bandwidth above.\npeak mem: peak resident memory of one call "
+               "(lfq_entropy, merge: forward + backward) above what was resident before it, in a fresh process.\ndecode_attention: rows = tokens decoded; "
                "vs ref = vs the full-cache + mask loop (full-mask), vs faiss = vs SDPA over the sliced cache.")
 
 
