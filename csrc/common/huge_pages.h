@@ -1,14 +1,16 @@
-// Transparent huge pages for large, freshly allocated CPU outputs. Torch-free, header-only (host code of
-// every library: the extension, and the emulation build that compiles the .cu host code with g++).
+// Transparent huge pages for large, freshly allocated CPU outputs: opt-in (FASTVQ_HUGE_PAGES=1). Torch-free,
+// header-only (host code of every library: the extension, and the emulation build that compiles the .cu
+// host code with g++).
 //
-// A large CPU tensor comes from a fresh mmap: its first write faults in every 4 KiB page, and on this
-// project's machines that costs more than the write itself (copying 142 MB into a fresh tensor: 72 ms;
-// into an existing one: 25 ms). Advising MADV_HUGEPAGE on the block before the first write makes the kernel
-// fault in 2 MiB pages (44 ms for the same copy). Ops that produce activation-sized outputs (merge) call
-// this right after allocating them. Only blocks of at least kHugePageMinBytes are advised: glibc serves
-// those from their own mapping, so the advice never leaks to memory that is reused for something else.
-// Linux only (a no-op elsewhere); FASTVQ_HUGE_PAGES=0 in the environment turns it off. Advice only: it
-// changes no result, and failure (THP disabled, "never") is ignored.
+// A large CPU tensor comes from a fresh mmap: its first write faults in every 4 KiB page, which can cost
+// more than the write itself (filling a fresh 136 MB tensor: 37 ms; with MADV_HUGEPAGE advised first:
+// 13 ms). With FASTVQ_HUGE_PAGES=1, ops that produce activation-sized outputs (merge) advise
+// MADV_HUGEPAGE on blocks of at least kHugePageMinBytes right after allocating them (glibc serves those
+// from their own mapping, so the advice never reaches memory reused for something else). It is off by
+// default because on this project's machine (a KVM guest) the gain is not reliable: after warm-up the
+// merge schedules ran 1.8-2x faster, but the first calls in a process, or an output just above the
+// threshold (lfq_quantize's 33.5 MB codes), ran up to 4x slower, with no compaction recorded: first
+// touches of fresh guest memory. Measure on your machine. Linux only; advice only (no result changes).
 #pragma once
 
 #include <cstddef>
@@ -24,12 +26,12 @@ namespace fastvq {
 
 constexpr std::size_t kHugePageMinBytes = std::size_t{32} << 20;
 
-// Whether advise_huge_pages does anything here (Linux, and not turned off by FASTVQ_HUGE_PAGES=0).
+// Whether advise_huge_pages does anything here (Linux, with FASTVQ_HUGE_PAGES=1 in the environment).
 inline bool huge_pages_enabled() {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {
     const char* env = std::getenv("FASTVQ_HUGE_PAGES");
-    return env == nullptr || std::strcmp(env, "0") != 0;
+    return env != nullptr && std::strcmp(env, "1") == 0;
   }();
   return enabled;
 #else
