@@ -18,14 +18,15 @@ fraction); ``rows`` is the number of tokens decoded (B * 256).
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
 import torch.nn.functional as F
 
+from fastvq.bench import timed_row
 from fastvq.ops import decode_attention, kv_append
 
 if TYPE_CHECKING:
@@ -130,13 +131,6 @@ IMPLS: dict[str, Callable[[DecodeProblem], torch.Tensor]] = {
 BASELINE = {"full-mask": "reference", "sdpa-sliced": "faiss"}  # the table's "vs ref" / "vs faiss" columns
 
 
-def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], object], group: str,
-        **info: object) -> None:
-    start = time.perf_counter()
-    fn()
-    benchmark.group = group
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, rounds=config.rounds(time.perf_counter() - start))
 
 
 @pytest.mark.parametrize("pruning", list(KEPT))
@@ -145,7 +139,7 @@ def test_decode_loop(benchmark: BenchmarkFixture, bench_config: BenchConfig, imp
     batch = bench_config.scaled(B * 16) // 16 or 1  # --fastvq-quick: 2 sequences
     problem = DecodeProblem(KEPT[pruning], batch=batch)
     info = {"baseline": BASELINE[impl]} if impl in BASELINE else {}
-    run(benchmark, bench_config, lambda: IMPLS[impl](problem),
+    timed_row(benchmark, bench_config, lambda: IMPLS[impl](problem),
         f"decode {STEPS} steps B={batch} H={H} d={D} fp32, {pruning}% pruned (256->{KEPT[pruning]})",
         # (G only orders fastvq.bench's table: by pruning, the loop cases before the single calls)
         op="decode_attention", impl=impl, N=batch, rows=batch * STEPS, G=-pruning,
@@ -169,6 +163,6 @@ def test_decode_call(benchmark: BenchmarkFixture, bench_config: BenchConfig, imp
         fn = lambda: decode_attention(q, k, v, lengths)  # noqa: E731
     else:
         fn = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v)  # noqa: E731
-    run(benchmark, bench_config, fn, f"decode_attention B={batch} H={H} L={length} d={D} fp32 (one call)",
+    timed_row(benchmark, bench_config, fn, f"decode_attention B={batch} H={H} L={length} d={D} fp32 (one call)",
         op="decode_attention", impl=impl, N=batch, rows=batch, G=-1000 - length, bytes=k.nbytes + v.nbytes,
         **({"baseline": "faiss"} if impl == "sdpa-sliced" else {}))

@@ -13,13 +13,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
+from fastvq.bench import timed_row
 from fastvq.ops import lfq_codes_from_ids, lfq_entropy, lfq_quantize
 from fastvq.reference import lfq_codes_from_ids_ref, lfq_entropy_ref, lfq_quantize_ref
 
@@ -31,13 +30,6 @@ REF_ROWS = 1024  # the reference's [rows, 2^18] float32 logits, softmax and log:
 D, TEMPERATURE = 18, 0.01
 
 
-def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], object], group: str,
-        **info: object) -> None:
-    start = time.perf_counter()
-    fn()
-    benchmark.group = group
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, rounds=config.rounds(time.perf_counter() - start))
 
 
 def peak_bytes(impl: str, rows: int) -> int:
@@ -78,7 +70,7 @@ def test_entropy_loss(benchmark: BenchmarkFixture, bench_config: BenchConfig, im
 
     # Peak memory only where the timed rows are the whole case (a row subset's memory says nothing of N's).
     memory = {"peak_bytes": peak_bytes(impl, rows)} if rows == n else {}
-    run(benchmark, bench_config, loss_forward_backward, f"lfq_entropy fwd+bwd D={D} N={n}",
+    timed_row(benchmark, bench_config, loss_forward_backward, f"lfq_entropy fwd+bwd D={D} N={n}",
         op="lfq_entropy", impl=impl, N=n, rows=rows, G=1, **memory)
 
 
@@ -95,7 +87,7 @@ def test_quantize(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: 
     z = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
     groups = dim // (group_bits or dim)
     quantize = QUANTIZE_IMPLS[impl]
-    run(benchmark, bench_config, lambda: quantize(z, group_bits), f"lfq_quantize {n}x{dim} g={group_bits}",
+    timed_row(benchmark, bench_config, lambda: quantize(z, group_bits), f"lfq_quantize {n}x{dim} g={group_bits}",
         op="lfq_quantize", impl=impl, N=n, rows=n, G=groups, bytes=2 * z.nbytes + n * groups * 8)
 
 
@@ -111,5 +103,5 @@ def test_codes_from_ids(benchmark: BenchmarkFixture, bench_config: BenchConfig, 
     shape = (n,) if group_bits == 0 else (n, dim // g)
     ids = torch.randint(0, 2**g, shape, generator=torch.Generator().manual_seed(0))
     unpack = UNPACK_IMPLS[impl]
-    run(benchmark, bench_config, lambda: unpack(ids, dim, group_bits), f"lfq_codes_from_ids {n}x{dim} g={group_bits}",
+    timed_row(benchmark, bench_config, lambda: unpack(ids, dim, group_bits), f"lfq_codes_from_ids {n}x{dim} g={group_bits}",
         op="lfq_codes_from_ids", impl=impl, N=n, rows=n, G=dim // g, bytes=ids.nbytes + n * dim * 4)

@@ -12,7 +12,6 @@ Inputs are float32 ``torch.randn`` with fixed seeds; fastvq and torch run with t
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +19,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
 import torch.nn.functional as F
 from torch import Tensor
 
 import fastvq
+from fastvq.bench import timed_row
 from fastvq.ops import mcq_gather, mcq_search
 from fastvq.reference import mcq_gather_ref, mcq_search_ref
 from fastvq.reference.mcq import COSINE_EPS
@@ -67,16 +68,6 @@ def search_inputs(case: SearchCase, n: int, rows: int) -> tuple[Tensor, Tensor]:
     return randn(n, case.g, case.d, seed=0)[:rows], randn(case.g, case.k, case.d, seed=1)
 
 
-def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], object], group: str,
-        **info: object) -> None:
-    """Time ``fn`` as a row of ``group`` described by ``info``: one untimed warm-up call, then
-    ``config.rounds(its time)`` timed calls."""
-    start = time.perf_counter()
-    fn()
-    rounds = config.rounds(time.perf_counter() - start)
-    benchmark.group = group
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, rounds=rounds)
 
 
 def search_info(case: SearchCase, impl: str, n: int, rows: int) -> dict[str, object]:
@@ -109,7 +100,7 @@ def test_search_fastvq(benchmark: BenchmarkFixture, bench_config: BenchConfig, c
     n = bench_config.scaled(case.n)
     z, codebooks = search_inputs(case, n, n)
     with forced_cpu_isa(isa) as active:
-        run(benchmark, bench_config, lambda: mcq_search(z, codebooks, case.metric), case.group(n),
+        timed_row(benchmark, bench_config, lambda: mcq_search(z, codebooks, case.metric), case.group(n),
             **search_info(case, "fastvq", n, n), cpu_isa=isa, cpu_isa_active=active)
 
 
@@ -118,7 +109,7 @@ def test_search_reference(benchmark: BenchmarkFixture, bench_config: BenchConfig
     n = bench_config.scaled(case.n)
     rows = min(n, REF_ROWS)
     z, codebooks = search_inputs(case, n, rows)
-    run(benchmark, bench_config, lambda: mcq_search_ref(z, codebooks, case.metric), case.group(n),
+    timed_row(benchmark, bench_config, lambda: mcq_search_ref(z, codebooks, case.metric), case.group(n),
         **search_info(case, "reference", n, rows))
 
 
@@ -145,7 +136,7 @@ def test_search_faiss(benchmark: BenchmarkFixture, bench_config: BenchConfig, ca
         for index, query in zip(indexes, queries):
             index.search(query, 1)
 
-    run(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, n))
+    timed_row(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, n))
 
 
 GATHER_IMPLS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -160,7 +151,7 @@ def test_gather(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: st
     indices = torch.randint(case.k, (n, case.g), generator=torch.Generator().manual_seed(2))
     codebooks = randn(case.g, case.k, case.d, seed=1)
     gather = GATHER_IMPLS[impl]
-    run(benchmark, bench_config, lambda: gather(indices, codebooks),
+    timed_row(benchmark, bench_config, lambda: gather(indices, codebooks),
         f"mcq_gather {n}x{case.g}x{case.k}x{case.d}",
         op="mcq_gather", impl=impl, N=n, rows=n, G=case.g, K=case.k, d=case.d,
         bytes=indices.nbytes + 2 * n * case.g * case.d * codebooks.element_size())

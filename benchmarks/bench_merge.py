@@ -25,13 +25,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
+from fastvq.bench import timed_row
 from fastvq.ops import bipartite_merge, compose_source, unmerge
 from fastvq.reference import tome_merge_dense_ref, unmerge_dense_ref
 
@@ -68,13 +68,6 @@ def pipeline_reference(x: torch.Tensor, schedule: list[int], protect_first: bool
 PIPELINES: dict[str, Callable[..., torch.Tensor]] = {"fastvq": pipeline_fastvq, "reference": pipeline_reference}
 
 
-def run(benchmark: BenchmarkFixture, config: BenchConfig, fn: Callable[[], object], group: str,
-        **info: object) -> None:
-    start = time.perf_counter()
-    fn()
-    benchmark.group = group
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, rounds=config.rounds(time.perf_counter() - start))
 
 
 def peak_bytes(impl: str, case: str, B: int) -> int:
@@ -125,7 +118,7 @@ def test_merge_schedule(benchmark: BenchmarkFixture, bench_config: BenchConfig, 
     source_bytes = B * T * 8 if impl == "fastvq" else B * (T - schedule[0]) * T * x.element_size()  # largest
     memory = {"peak_bytes": peak_bytes(impl, case, B)} if backward else {}
     # bytes: x read once and the recovered grid written once: the least any implementation moves
-    run(benchmark, bench_config, step,
+    timed_row(benchmark, bench_config, step,
         f"merge {case} B={B} T={T}->{tokens_out} C={C} r={schedule[0]}x{len(schedule)} {'fwd+bwd' if backward else 'fwd'}",
         op="bipartite_merge", impl=impl, N=B * T, G=1, rows=B, bytes=2 * B * T * C * x.element_size(),
         source_bytes=source_bytes, schedule=schedule, **memory)

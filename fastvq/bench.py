@@ -65,6 +65,20 @@ def peak_rss_increase(fn: Callable[[], object]) -> int:
     return max(0, _proc_status_bytes("VmHWM") - before)
 
 
+def timed_row(benchmark: Any, config: Any, fn: Callable[[], object], group: str, **info: object) -> None:
+    """Time ``fn`` as a row of ``group`` described by ``info`` (pytest-benchmark's ``extra_info``): one
+    untimed warm-up call, then ``config.rounds(its time)`` timed calls (``config``: the benchmarks'
+    ``BenchConfig``). Every benchmark file times its rows through this."""
+    import time
+
+    start = time.perf_counter()
+    fn()
+    rounds = config.rounds(time.perf_counter() - start)
+    benchmark.group = group
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(fn, rounds=rounds)
+
+
 def impl_label(info: dict[str, Any]) -> str:
     if "cpu_isa" not in info:
         return info["impl"]
