@@ -5,7 +5,6 @@ The emulation library is built by FASTVQ_EMU=1 (FASTVQ_EMU_ASAN=1 for the saniti
 with FASTVQ_EMU_VARIANT=asan in a process started with libasan preloaded: scripts/test.sh does both).
 Without it these tests skip, unless FASTVQ_REQUIRE_EMU=1 (CI), where a missing build fails.
 """
-import os
 
 import pytest
 import torch
@@ -14,26 +13,16 @@ import fastvq
 import fastvq.emu as emu
 from fastvq.reference import mcq_search_ref
 
+from conftest import EMU_MISSING
 from test_mcq import DTYPES, METRICS, assert_search_matches, make_inputs
 
-try:
-    VARIANT = emu.load()
-except RuntimeError as e:
-    if os.environ.get("FASTVQ_REQUIRE_EMU") == "1":
-        raise
-    pytest.skip(f"emulation build not available: {e}", allow_module_level=True)
+if EMU_MISSING is not None:
+    pytest.skip(EMU_MISSING, allow_module_level=True)
 
 # The AVX-512/AVX2 CPU kernels use the same fp32 fma chains as the CUDA kernel: bit-identical results.
 BITWISE = fastvq.build_info()["cpu_isa_supported"] != "scalar"
-SEEDS = {"forward": 0, "reverse": 0, "shuffled": 1234}
 # (N, G, K, d): partial row blocks (64 rows/block), K off the 128-code tile, d past the 32-dim chunk
 SHAPES = [(1, 1, 1, 1), (7, 2, 17, 8), (70, 3, 129, 9), (65, 1, 300, 33), (5, 2, 40, 70)]
-
-
-@pytest.fixture(params=emu.SCHEDULES)
-def schedule(request):
-    with emu.schedule(request.param, SEEDS[request.param]):
-        yield request.param
 
 
 def cpu_search(z, cb, metric):

@@ -6,7 +6,6 @@ The emulated CUDA kernels (torch.ops.fastvq_emu.decode_attention / kv_append) ar
 ops at the end of the file: bit-identical, by construction (docs/ops/decode.md).
 """
 import math
-import os
 
 import pytest
 import torch
@@ -14,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvq
-import fastvq.emu as emu
 from fastvq.nn import CompressedKVCache, first_occurrence, merge_causal_mask
 from fastvq.ops import decode_attention, kv_append
 from fastvq.reference import decode_attention_full_mask_ref, decode_attention_ref, kv_append_ref
+
+from conftest import needs_emu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [32, 64, 80, 128]
@@ -530,23 +530,6 @@ def test_mergear_contract_decode_equals_full_forward(unique):
 
 # ---- the CUDA kernels, emulated on the CPU (torch.ops.fastvq_emu.*; see test_cuda_emulated.py) ----------
 
-def _load_emu() -> str | None:
-    try:
-        return emu.load()
-    except RuntimeError as e:
-        if os.environ.get("FASTVQ_REQUIRE_EMU") == "1":
-            raise
-        return f"emulation build not available: {e}"
-
-
-_EMU_SKIP = _load_emu()
-needs_emu = pytest.mark.skipif(_EMU_SKIP not in emu.VARIANTS, reason=str(_EMU_SKIP))
-
-
-@pytest.fixture(params=emu.SCHEDULES)
-def schedule(request):
-    with emu.schedule(request.param, {"forward": 0, "reverse": 0, "shuffled": 1234}[request.param]):
-        yield request.param
 
 
 # (B, Hq, Hkv, Lmax, D): vector loads (D a multiple of 4 / 8 with aligned rows) and the scalar path (D=7, 33)

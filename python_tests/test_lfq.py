@@ -5,14 +5,12 @@ with the factorised reference; the emulated CUDA kernels (torch.ops.fastvq_emu.l
 the CPU ops at the end of the file.
 """
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-import fastvq.emu as emu
 from fastvq.nn import LFQ
 from fastvq.ops import lfq_codes_from_ids, lfq_entropy, lfq_quantize
 from fastvq.reference import (
@@ -22,6 +20,8 @@ from fastvq.reference import (
     lfq_loss_ref,
     lfq_quantize_ref,
 )
+
+from conftest import needs_emu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (D, group_bits): one id per row up to the 62-bit limit, and grouped ids (UniWeTok: 128 bits)
@@ -543,23 +543,6 @@ def test_module_torch_compile_fullgraph(config):
 
 # ---- the CUDA kernels, emulated on the CPU (torch.ops.fastvq_emu.*; see test_cuda_emulated.py) ----------
 
-def _load_emu() -> str | None:
-    try:
-        return emu.load()
-    except RuntimeError as e:
-        if os.environ.get("FASTVQ_REQUIRE_EMU") == "1":
-            raise
-        return f"emulation build not available: {e}"
-
-
-_EMU_SKIP = _load_emu()
-needs_emu = pytest.mark.skipif(_EMU_SKIP not in emu.VARIANTS, reason=str(_EMU_SKIP))
-
-
-@pytest.fixture(params=emu.SCHEDULES)
-def schedule(request):
-    with emu.schedule(request.param, {"forward": 0, "reverse": 0, "shuffled": 1234}[request.param]):
-        yield request.param
 
 
 @needs_emu

@@ -2,16 +2,16 @@
 reference (fastvq/reference/merge.py): every dtype, edge sizes (T = 0, 1, 2, odd), r = 0 and r = max,
 protect_first, ties, non-finite metrics, strided inputs; bit-identical repeats and ISA paths; gradients,
 opcheck, torch.compile, every error; the CUDA kernels emulated on the CPU (torch.ops.fastvq_emu.*)."""
-import os
 
 import pytest
 import torch
 
 import fastvq
-import fastvq.emu as emu
 from fastvq.ops import bipartite_merge, bipartite_merge_backward, compose_source, unmerge, unmerge_backward
 from fastvq.reference import bipartite_merge_ref, compose_source_ref, unmerge_ref
 from fastvq.reference.merge import mergeable_count
+
+from conftest import needs_emu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 1e-3),
@@ -302,6 +302,27 @@ def test_compile_fullgraph():
     assert torch.equal(a, ea) and torch.equal(b, eb)
 
 
+def test_compile_backward_ops_fullgraph():
+    x, metric, sizes = make(2, 25, 6, 5)
+    merged, msizes, assign = bipartite_merge(x, metric, sizes, 8, True)
+    source = compose_source(torch.arange(25).expand(2, 25).contiguous(), assign)
+    g_merged, g_full = torch.randn_like(merged), torch.randn(2, 25, 6)
+
+    def backward_ops(g_merged, g_full):
+        return bipartite_merge_backward(g_merged, sizes, msizes, assign), unmerge_backward(g_full, source, 17)
+
+    compiled = torch.compile(backward_ops, fullgraph=True, backend="eager")
+    for a, b in zip(compiled(g_merged, g_full), backward_ops(g_merged, g_full)):
+        assert torch.equal(a, b)
+    # a compiled forward differentiates through the registered autograd (traced by aot_eager)
+    xg = x.clone().requires_grad_(True)
+    loss = torch.compile(lambda t: unmerge(bipartite_merge(t, metric, sizes, 8, True)[0], source).square().sum(),
+                         fullgraph=True, backend="aot_eager")(xg)
+    (grad,) = torch.autograd.grad(loss, xg)
+    (grad_eager,) = torch.autograd.grad(unmerge(bipartite_merge(xg, metric, sizes, 8, True)[0], source).square().sum(), xg)
+    assert torch.equal(grad, grad_eager)
+
+
 def test_meta_tensors():
     x = torch.empty(2, 9, 4, device="meta")
     merged, msizes, assign = bipartite_merge(x, torch.empty(2, 9, 3, device="meta"),
@@ -369,25 +390,6 @@ def test_errors():
 
 # ---- the CUDA kernels, emulated on the CPU ------------------------------------------------------------
 
-def _load_emu():
-    try:
-        emu.load()
-        return None
-    except RuntimeError as e:
-        if os.environ.get("FASTVQ_REQUIRE_EMU") == "1":
-            raise
-        return str(e)
-
-
-_EMU_MISSING = _load_emu()
-needs_emu = pytest.mark.skipif(_EMU_MISSING is not None, reason=f"emulation build not available: {_EMU_MISSING}")
-SEEDS = {"forward": 0, "reverse": 0, "shuffled": 99}
-
-
-@pytest.fixture(params=emu.SCHEDULES)
-def schedule(request):
-    with emu.schedule(request.param, SEEDS[request.param]):
-        yield request.param
 
 
 # T = 1, 2, odd; more A tokens than one match block (128) and one score tile (256); B past one select block

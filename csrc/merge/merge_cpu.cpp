@@ -259,22 +259,14 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad, const at::Tensor
   return s.grad_x;
 }
 
-// Index of the first source entry outside [0, T), or -1.
-int64_t first_bad_source(const UnmergeParams& p, int64_t T) {
+// Every source entry must name a token in [0, T): the first one that does not is reported.
+void check_source_range(const char* op, const UnmergeParams& p, int64_t T, const char* what) {
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t q = 0; q < p.T0; ++q) {
       const int64_t v = p.source[b * p.src_sb + q * p.src_st];
-      if (v < 0 || v >= T) return b * p.T0 + q;
+      TORCH_CHECK(v >= 0 && v < T, op, ": source[", b, ", ", q, "] = ", v, " is out of range [0, ", T, ") (", what, ")");
     }
   }
-  return -1;
-}
-
-void check_source_range(const char* op, const UnmergeParams& p, int64_t T, const char* what) {
-  const int64_t bad = first_bad_source(p, T);
-  TORCH_CHECK(bad < 0, op, ": source[", bad / std::max<int64_t>(p.T0, 1), ", ", bad % std::max<int64_t>(p.T0, 1),
-              "] = ", p.source[(bad / std::max<int64_t>(p.T0, 1)) * p.src_sb + (bad % std::max<int64_t>(p.T0, 1)) * p.src_st],
-              " is out of range [0, ", T, ") (", what, ")");
 }
 
 at::Tensor compose_source_cpu(const at::Tensor& source, const at::Tensor& assign) {

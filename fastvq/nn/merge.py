@@ -14,15 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvq.ops.merge import bipartite_merge, compose_source
-
-
-def mergeable_count(tokens: int, protect_first: bool = False) -> int:
-    """The largest ``r`` one merge step on ``tokens`` tokens accepts: the size of set A (the even
-    positions, ``ceil(T / 2)``), less token 0 when ``protect_first``; 0 when set B is empty (``T < 2``)."""
-    if tokens < 2:
-        return 0
-    return (tokens + 1) // 2 - (1 if protect_first else 0)
+from fastvq.ops.merge import bipartite_merge, compose_source, mergeable_count
 
 
 def _fewest_tokens(tokens: int, layers: int, protect_first: bool, cap: int | None = None) -> int:

@@ -12,6 +12,14 @@ from torch import Tensor
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def mergeable_count(tokens: int, protect_first: bool = False) -> int:
+    """The largest ``r`` :func:`bipartite_merge` accepts on ``tokens`` tokens: the size of set A (the even
+    positions, ``ceil(T / 2)``), less token 0 when ``protect_first``; 0 when set B is empty (``T < 2``)."""
+    if tokens < 2:
+        return 0
+    return (tokens + 1) // 2 - (1 if protect_first else 0)
+
+
 def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, r: int,
                     protect_first: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Merge the ``r`` most similar tokens of set A (even positions) into their best match in set B (odd
@@ -96,8 +104,7 @@ def _bipartite_merge_fake(x, metric, sizes, r, protect_first=False):
     for name, t in (("x", x), ("metric", metric), ("sizes", sizes)):
         _check_float(op, name, t)
         torch._check(t.device == x.device, lambda: f"{op}: {name} must be on x's device {x.device}, got {t.device}")
-    na, nb = (T + 1) // 2, T // 2
-    mergeable = 0 if nb == 0 else na - (1 if protect_first else 0)
+    mergeable = mergeable_count(T, protect_first)
     torch._check(0 <= r and r <= mergeable, lambda: f"{op}: r must be in [0, {mergeable}] (the mergeable tokens "
                  f"of A for T={T}{' with protect_first' if protect_first else ''}), got {r}")
     return (x.new_empty((B, T - r, C)), sizes.new_empty((B, T - r)), x.new_empty((B, T), dtype=torch.int64))
