@@ -2,9 +2,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "common/huge_pages.h"
 
 namespace fastvq {
@@ -12,6 +14,17 @@ namespace fastvq {
 // The floating dtypes fastvq ops accept.
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// The torch-free cores' name of a supported float dtype.
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK(false, "fastvq: unsupported dtype ", t);
+  }
 }
 
 // Product of all sizes but the last `trailing` (the number of rows of a [..., trailing dims] tensor).

@@ -9,20 +9,12 @@
 #include <optional>
 
 #include "common/dtype.h"
+#include "common/host_utils.h"
 #include "decode/decode.h"
 
 namespace fastvq {
 
 inline bool decode_supported_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
-inline DType decode_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default: return DType::kFloat32;
-  }
-}
 
 inline void decode_check_lengths(const char* op, const at::Tensor& lengths, int64_t B, const at::Tensor& ref) {
   TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt, op,
@@ -91,9 +83,9 @@ inline DecodeAttentionParams decode_attention_params(const DecodeAttentionShape&
   p.lengths_type = lengths.scalar_type() == at::kLong ? DecodeIndex::kInt64 : DecodeIndex::kInt32;
   if (bias.has_value() && bias->defined()) {
     p.bias = bias->data_ptr(), p.bias_stride_b = bias->stride(0), p.bias_stride_l = bias->stride(1);
-    p.bias_dtype = static_cast<int32_t>(decode_dtype(bias->scalar_type()));
+    p.bias_dtype = static_cast<int32_t>(to_dtype(bias->scalar_type()));
   }
-  p.dtype = static_cast<int32_t>(decode_dtype(q.scalar_type()));
+  p.dtype = static_cast<int32_t>(to_dtype(q.scalar_type()));
   p.out = out.data_ptr();
   p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.G = s.G, p.Lmax = s.Lmax, p.D = s.D;
   p.Dp = (s.D + kDecodeLanes - 1) / kDecodeLanes * kDecodeLanes;

@@ -16,16 +16,6 @@
 
 namespace fastvq {
 
-inline DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK(false, "fastvq: unsupported dtype ", t);
-  }
-}
-
 inline McqMetric parse_mcq_metric(std::string_view metric) {
   if (metric == "l2") return McqMetric::kL2;
   if (metric == "cosine") return McqMetric::kCosine;
