@@ -5,8 +5,8 @@ at 0%, 44% (256 -> 144 kept) and 86% (256 -> 36 kept) of the cache entries dropp
 same keep pattern, so the hand-sliced SDPA baseline is possible at all). Each step attends the new query
 over the kept entries and the token itself, then keeps the token only where it is a first occurrence:
 
-- ``fastvq``: ``kv_append`` (the token's row) + ``decode_attention`` over the compacted cache, then the
-  row is released for duplicates (what :meth:`fastvq.nn.CompressedKVCache.attend` does);
+- ``fastvq``: one ``decode_step`` per step: attention over the compacted cache and the token's own row,
+  which is kept only for first occurrences (what :meth:`fastvq.nn.CompressedKVCache.attend` runs);
 - ``sdpa-sliced``: the same compacted cache, ``scaled_dot_product_attention`` over its slice ``[:n + 1]``
   (the best a user writes by hand; only possible when every sequence keeps the same count);
 - ``full-mask``: the uncompressed loop the issue measured: a full-length (static, 256-row) cache of every
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvq.bench import timed_row
-from fastvq.ops import decode_attention, kv_append
+from fastvq.ops import decode_attention, decode_step
 
 if TYPE_CHECKING:
     from conftest import BenchConfig
@@ -56,7 +56,6 @@ class DecodeProblem:
         self.keep = keep_pattern(kept, steps)
         self.keep_list = self.keep.tolist()
         self.keep_b = self.keep[:, None].expand(steps, batch).contiguous()
-        self.drop_b = (~self.keep_b).to(torch.int32)
         self.batch, self.heads, self.dim, self.steps, self.kept, self.dtype = batch, heads, dim, steps, kept, dtype
 
     def cache_bytes_read(self, impl: str = "fastvq") -> int:
@@ -72,12 +71,9 @@ class DecodeProblem:
         kc = torch.empty(self.batch, self.heads, self.kept + 1, self.dim, dtype=self.dtype)
         vc = torch.empty_like(kc)
         lengths = torch.zeros(self.batch, dtype=torch.int32)
-        every = torch.ones(self.batch, dtype=torch.bool)
         out = None
         for t in range(self.steps):
-            kv_append(kc, vc, lengths, self.k[t], self.v[t], every)
-            out = decode_attention(self.q[t], kc, vc, lengths)
-            lengths.sub_(self.drop_b[t])
+            out = decode_step(self.q[t], kc, vc, lengths, self.k[t], self.v[t], self.keep_b[t])
         return out
 
     def sdpa_sliced(self) -> torch.Tensor:

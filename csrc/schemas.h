@@ -26,4 +26,6 @@
   X("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float? scale=None, " \
     "Tensor? bias=None) -> Tensor")                                                                  \
   X("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, Tensor k_new, "           \
-    "Tensor v_new, Tensor keep) -> ()")
+    "Tensor v_new, Tensor keep) -> ()")                                                              \
+  X("decode_step(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "             \
+    "Tensor k_new, Tensor v_new, Tensor keep, float? scale=None, Tensor? bias=None) -> Tensor")

@@ -1,8 +1,9 @@
-"""decode_attention / kv_append / fastvq.nn.CompressedKVCache, first_occurrence, merge_causal_mask against
-the pure-PyTorch references, and the MergeAR contract: a small transformer decoding token by token with
-the compressed cache gives the logits of one full forward pass under the merge mask.
+"""decode_attention / decode_step / kv_append / fastvq.nn.CompressedKVCache, first_occurrence and
+merge_causal_mask against the pure-PyTorch references, and the MergeAR contract: a small transformer
+decoding token by token with the compressed cache gives the logits of one full forward pass under the
+merge mask.
 
-The emulated CUDA kernels (torch.ops.fastvq_emu.decode_attention / kv_append) are compared with the CPU
+The emulated CUDA kernels (torch.ops.fastvq_emu.decode_attention / decode_step / kv_append) are compared with the CPU
 ops at the end of the file: bit-identical, by construction (docs/ops/decode.md).
 """
 import math
@@ -14,8 +15,8 @@ from torch import nn
 
 import fastvq
 from fastvq.nn import CompressedKVCache, first_occurrence, merge_causal_mask
-from fastvq.ops import decode_attention, kv_append
-from fastvq.reference import decode_attention_full_mask_ref, decode_attention_ref, kv_append_ref
+from fastvq.ops import decode_attention, decode_step, kv_append
+from fastvq.reference import decode_attention_full_mask_ref, decode_attention_ref, decode_step_ref, kv_append_ref
 
 from conftest import needs_emu
 
@@ -287,6 +288,136 @@ def test_kv_append_then_decode_equals_reference_loop():
     assert lengths.tolist() == keep.sum(0).tolist()
 
 
+# ---- decode_step --------------------------------------------------------------------------------------
+
+def three_op_step(q, kc, vc, lengths, k_new, v_new, keep, scale=None, bias=None):
+    """What decode_step fuses: append for every sequence, attend, release the row of duplicates."""
+    kv_append(kc, vc, lengths, k_new, v_new, torch.ones_like(keep))
+    out = decode_attention(q, kc, vc, lengths, scale, bias)
+    lengths.sub_((~keep).to(lengths.dtype))
+    return out
+
+
+def assert_step_matches(q, k, v, lengths, k_new, v_new, keep, scale=None, bias=None):
+    """decode_step against the three-op sequence (bit for bit) and the float64 reference."""
+    k1, v1, l1 = k.clone(), v.clone(), lengths.clone()
+    want = three_op_step(q, k1, v1, l1, k_new, v_new, keep, scale, bias)
+    k2, v2, l2 = k.clone(), v.clone(), lengths.clone()
+    got = decode_step(q, k2, v2, l2, k_new, v_new, keep, scale, bias)
+    assert got.dtype == q.dtype and got.shape == q.shape
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    assert torch.equal(l1, l2) and l2.tolist() == (lengths + keep.to(lengths.dtype)).tolist()
+    for b in range(q.shape[0]):
+        n = int(l2[b])
+        assert torch.equal(k2[b, :, :n], k1[b, :, :n]) and torch.equal(v2[b, :, :n], v1[b, :, :n])
+        assert torch.equal(k2[b, :, n:], k[b, :, n:]) and torch.equal(v2[b, :, n:], v[b, :, n:]), "rows past lengths untouched"
+    ref_out, ref_k, ref_v, ref_len = decode_step_ref(q.double(), k.double(), v.double(), lengths, k_new.double(),
+                                                     v_new.double(), keep, scale, None if bias is None else bias.double())
+    torch.testing.assert_close(got, ref_out.to(q.dtype), **TOLS[q.dtype])
+    assert torch.equal(l2, ref_len) and torch.equal(k2.double(), ref_k) and torch.equal(v2.double(), ref_v)
+    return got
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("ratio", GQA, ids=lambda r: f"gqa{r}")
+@pytest.mark.parametrize("D", HEAD_DIMS + [7], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_step_equals_append_attend_release(dtype, D, ratio, with_bias):
+    B, Hkv, Lmax = 6, 2, 70
+    q, k, v = make_cache(B, Hkv * ratio, Hkv, Lmax, D, dtype)
+    lengths = torch.tensor([0, 1, 31, 32, 69, 40], dtype=torch.int32 if D % 2 else torch.int64)
+    gen = torch.Generator().manual_seed(D * ratio)
+    k_new, v_new = (torch.randn(B, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    keep = torch.tensor([True, False, True, False, True, True])
+    bias = torch.randn(B, Lmax, generator=gen).to(dtype) if with_bias else None
+    assert_step_matches(q, k, v, lengths, k_new, v_new, keep, None, bias)
+
+
+def test_decode_step_keep_all_none_and_self_only():
+    B, Hq, Hkv, Lmax, D = 4, 4, 2, 9, 16
+    q, k, v = make_cache(B, Hq, Hkv, Lmax, D, torch.float32)
+    k_new, v_new = torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
+    lengths = torch.tensor([0, 3, 8, 5])
+    for keep in (torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)):
+        assert_step_matches(q, k, v, lengths, k_new, v_new, keep, 0.3)
+    # an empty cache: the token attends to itself only, softmax of one logit is exactly 1
+    lengths = torch.zeros(B, dtype=torch.long)
+    out = decode_step(q, k.clone(), v.clone(), lengths, k_new, v_new, torch.zeros(B, dtype=torch.bool))
+    assert torch.equal(out, v_new.repeat_interleave(Hq // Hkv, dim=1)) and lengths.eq(0).all()
+    # no query heads: nothing to attend, the kept rows are still appended; no sequences: nothing at all
+    kc, lengths = k.clone(), torch.tensor([0, 3, 8, 5])
+    e = decode_step(q[:, :0], kc, v.clone(), lengths, k_new, v_new, torch.tensor([True, False, True, False]))
+    assert e.shape == (B, 0, D) and lengths.tolist() == [1, 3, 9, 5] and torch.equal(kc[2, :, 8], k_new[2])
+    e = decode_step(q[:0], k[:0], v[:0], lengths[:0], k_new[:0], v_new[:0], torch.ones(0, dtype=torch.bool))
+    assert e.shape == (0, Hq, D)
+
+
+def test_decode_step_strided_views():
+    B, Hq, Hkv, Lmax, D = 3, 4, 2, 40, 32
+    q, k, v = make_cache(B, Hq, Hkv, Lmax, D, torch.float16)
+    big_k = torch.zeros(B, Lmax, Hkv, 2 * D, dtype=torch.float16)
+    kt = big_k[..., ::2].transpose(1, 2)  # [B, Hkv, Lmax, D], D-strided, heads interleaved with rows
+    kt.copy_(k)
+    vt = v.transpose(1, 2).contiguous().transpose(1, 2)
+    k_new = torch.randn(B, D, Hkv).half().transpose(1, 2)  # D-strided rows
+    v_new = torch.randn(B, Hkv, 2 * D).half()[..., D:]  # offset rows
+    lengths = torch.tensor([39, 0, 17])
+    keep = torch.tensor([True, True, False])
+    got = assert_step_matches(q.transpose(0, 1).contiguous().transpose(0, 1), kt, vt, lengths, k_new, v_new, keep)
+    assert got.is_contiguous()
+
+
+def test_decode_step_loop_equals_full_mask_baseline():
+    """Token by token over a random keep pattern: the compacted cache through decode_step gives the
+    masked full-cache attention of every step (the MergeAR contract for one layer)."""
+    B, Hq, Hkv, D, steps = 4, 4, 2, 32, 50
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.rand(steps, B, generator=gen) < 0.45
+    keep[0] = True
+    kc = torch.zeros(B, Hkv, int(keep.sum(0).max()) + 1, D)
+    vc = torch.zeros_like(kc)
+    lengths = torch.zeros(B, dtype=torch.int32)
+    ks, vs = [], []
+    for t in range(steps):
+        k_new, v_new, q = (torch.randn(B, h, D, generator=gen) for h in (Hkv, Hkv, Hq))
+        out = decode_step(q, kc, vc, lengths, k_new, v_new, keep[t])
+        ks.append(k_new), vs.append(v_new)
+        mask = torch.cat([keep[:t].t(), torch.ones(B, 1, dtype=torch.bool)], 1)  # kept so far + itself
+        want = decode_attention_full_mask_ref(q, torch.stack(ks, 2), torch.stack(vs, 2), mask)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
+    assert lengths.tolist() == keep.sum(0).tolist()
+
+
+def test_decode_step_cpu_isas_bit_identical(cpu_isa):
+    B, Hq, Hkv, Lmax, D = 5, 8, 2, 70, 80
+    q, k, v = make_cache(B, Hq, Hkv, Lmax, D, torch.bfloat16)
+    k_new, v_new = torch.randn(B, Hkv, D).bfloat16(), torch.randn(B, Hkv, D).bfloat16()
+    lengths, keep, bias = torch.tensor([0, 1, 33, 69, 50]), torch.tensor([True, False, True, True, False]), torch.randn(B, Lmax)
+    prev = fastvq.set_cpu_isa("scalar")
+    try:
+        kc, vc, lc = k.clone(), v.clone(), lengths.clone()
+        want = decode_step(q, kc, vc, lc, k_new, v_new, keep, None, bias)
+    finally:
+        fastvq.set_cpu_isa(prev)
+    k2, v2, l2 = k.clone(), v.clone(), lengths.clone()
+    assert torch.equal(decode_step(q, k2, v2, l2, k_new, v_new, keep, None, bias), want)
+    assert torch.equal(k2, kc) and torch.equal(v2, vc) and torch.equal(l2, lc)
+
+
+def test_decode_step_errors_write_nothing():
+    q, k, v = make_cache(2, 4, 2, 6, 8, torch.float32)
+    kn, vn = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    for lengths, keep, match in (
+            (torch.tensor([6, 0]), torch.tensor([False, True]),
+             r"decode_step: the cache of sequence 0 is full \(lengths\[0\] = Lmax = 6\): the token needs a free row even where it is not kept"),
+            (torch.tensor([2, 7]), torch.tensor([True, True]), r"decode_step: lengths must be in \[0, Lmax - 1\] = \[0, 5\], got 7 at sequence 1"),
+            (torch.tensor([2, -1]), torch.tensor([True, True]), r"decode_step: lengths must be in \[0, Lmax - 1\] = \[0, 5\], got -1 at sequence 1")):
+        kc, vc, lc = k.clone(), v.clone(), lengths.clone()
+        with pytest.raises(RuntimeError, match=match):
+            decode_step(q, kc, vc, lc, kn, vn, keep)
+        assert torch.equal(kc, k) and torch.equal(vc, v) and torch.equal(lc, lengths)
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 
 def _qkv(B=2, Hq=4, Hkv=2, L=6, D=8, dtype=torch.float32):
@@ -332,6 +463,17 @@ _keep = torch.tensor([True, False])
     (lambda: kv_append(_k, _v, torch.tensor([0, 9]), _kn, _vn, _keep), r"kv_append: lengths must be in \[0, Lmax\] = \[0, 6\], got 9 at sequence 1"),
     (lambda: kv_append(_k, _v, torch.tensor([6, 0]), _kn, _vn, _keep), r"kv_append: the cache of sequence 0 is full"),
     (lambda: kv_append(_k, _v, _len, _kn.to("meta"), _vn, _keep), r"kv_append: every tensor must be on k_cache's device cpu, got meta"),
+    (lambda: decode_step(_q.double(), _k.double(), _v.double(), _len, _kn.double(), _vn.double(), _keep), r"decode_step: q must be float32, float16 or bfloat16, got Double"),
+    (lambda: decode_step(_q[:, :3], _k, _v, _len, _kn, _vn, _keep), r"decode_step: the query heads Hq=3 must be a multiple of the kv-heads Hkv=2"),
+    (lambda: decode_step(_q, _k, _v, _len, _kn, _vn, _keep, None, torch.randn(2, 5)), r"decode_step: bias must be \[B, Lmax\] = \[2, 6\], got shape \[2, 5\]"),
+    (lambda: decode_step(_q, _k, _v, _len, _kn[:, :1], _vn, _keep), r"decode_step: k_new must be \[B, Hkv, D\] = \[2, 2, 8\], got shape \[2, 1, 8\]"),
+    (lambda: decode_step(_q, _k, _v, _len, _kn, _vn[..., :4], _keep), r"decode_step: v_new must have k_new's shape"),
+    (lambda: decode_step(_q, _k, _v, _len, _kn.half(), _vn.half(), _keep), r"decode_step: v_cache, k_new and v_new must have k_cache's dtype Float, got Half"),
+    (lambda: decode_step(_q, _k, _k, _len, _kn, _vn, _keep), r"decode_step: k_cache and v_cache must be different tensors"),
+    (lambda: decode_step(_q, _k, _v, _len.float(), _kn, _vn, _keep), r"decode_step: lengths must be int64 or int32, got Float"),
+    (lambda: decode_step(_q, _k, _v, _len, _kn, _vn, _keep.int()), r"decode_step: keep must be bool, got Int"),
+    (lambda: decode_step(_q, _k, _v, _len, _kn, _vn, _keep[:1]), r"decode_step: keep must be \[B\] = \[2\], got shape \[1\]"),
+    (lambda: decode_step(_q, _k, _v, _len, _kn, _vn, _keep, float("inf")), r"decode_step: scale must be finite, got inf"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_inputs(call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -347,6 +489,14 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastvq.decode_attention.default, (q, k, v, lengths))
         torch.library.opcheck(torch.ops.fastvq.decode_attention.default,
                               (q, k, v, lengths.int(), 0.5, torch.randn(3, 40).to(dtype)))
+        torch.library.opcheck(torch.ops.fastvq.decode_step.default,
+                              (q, k.clone(), v.clone(), torch.tensor([39, 0, 17]), torch.randn(3, 2, 16).to(dtype),
+                               torch.randn(3, 2, 16).to(dtype), torch.tensor([True, False, True]), 0.5,
+                               torch.randn(3, 40).to(dtype)))
+        torch.library.opcheck(torch.ops.fastvq.decode_step.default,
+                              (q, k.clone(), v.clone(), torch.tensor([3, 0, 17], dtype=torch.int32),
+                               torch.randn(3, 2, 16).to(dtype), torch.randn(3, 2, 16).to(dtype),
+                               torch.tensor([False, False, True])))
         kc, vc = k.clone(), v.clone()
         torch.library.opcheck(torch.ops.fastvq.kv_append.default,
                               (kc, vc, torch.tensor([0, 39, 5]), torch.randn(3, 2, 16).to(dtype),
@@ -375,10 +525,34 @@ def test_torch_compile_fullgraph():
             assert torch.equal(a, b)
 
 
+def test_torch_compile_fullgraph_decode_step():
+    torch._dynamo.reset()
+
+    def step(q, k_new, v_new, kc, vc, lengths, keep):
+        return decode_step(q, kc, vc, lengths, k_new, v_new, keep, None, None) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    B, Hq, Hkv, L, D = 3, 4, 2, 12, 16
+    caches = [(torch.zeros(B, Hkv, L, D), torch.zeros(B, Hkv, L, D), torch.zeros(B, dtype=torch.long)) for _ in range(2)]
+    for t in range(8):
+        q, k_new, v_new = torch.randn(B, Hq, D), torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
+        keep = torch.rand(B) < 0.6
+        got = compiled(q, k_new, v_new, *caches[0], keep)
+        want = step(q, k_new, v_new, *caches[1], keep)
+        assert torch.equal(got, want)
+        for a, b in zip(*caches):
+            assert torch.equal(a, b)
+    assert caches[0][2].gt(0).any()
+
+
 def test_meta_tensors_shape_only():
     q = torch.empty(3, 8, 64, device="meta", dtype=torch.bfloat16)
     k = torch.empty(3, 2, 100, 64, device="meta", dtype=torch.bfloat16)
     out = decode_attention(q, k, k.clone(), torch.empty(3, dtype=torch.int32, device="meta"))
+    assert out.shape == (3, 8, 64) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+    kn = torch.empty(3, 2, 64, device="meta", dtype=torch.bfloat16)
+    out = decode_step(q, k, k.clone(), torch.empty(3, dtype=torch.int32, device="meta"), kn, kn.clone(),
+                      torch.empty(3, dtype=torch.bool, device="meta"))
     assert out.shape == (3, 8, 64) and out.dtype == torch.bfloat16 and out.device.type == "meta"
 
 
@@ -452,7 +626,7 @@ def test_compressed_kv_cache_bookkeeping():
     small.attend(0, torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8), one)
     small.attend(0, torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8), ~one)  # a duplicate fits
     small.attend(0, torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8), one)  # uses the spare row
-    with pytest.raises(RuntimeError, match="kv_append: the cache of sequence 0 is full"):
+    with pytest.raises(RuntimeError, match=r"decode_step: the cache of sequence 0 is full \(lengths\[0\] = Lmax = 2\)"):
         small.attend(0, torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8), one)
 
 
@@ -596,11 +770,52 @@ def test_emulated_kv_append(schedule, dtype):
 
 
 @needs_emu
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_decode_step_bit_identical(schedule, shape, dtype):
+    B, Hq, Hkv, Lmax, D = shape
+    q, k, v = make_cache(B, Hq, Hkv, Lmax, D, dtype)
+    lengths = ragged_lengths(B, Lmax - 1, torch.int32)  # a free row for every token
+    k_new, v_new = torch.randn(B, Hkv, D).to(dtype), torch.randn(B, Hkv, D).to(dtype)
+    keep = torch.arange(B) % 2 == 0
+    bias = torch.randn(B, Lmax).to(dtype)
+    bias[0, 0] = float("-inf")
+    for args in ((None, None), (0.7, bias)):
+        caches = [(k.clone(), v.clone(), lengths.clone()) for _ in range(2)]
+        got = torch.ops.fastvq_emu.decode_step(q, *caches[0], k_new, v_new, keep, *args)
+        want = decode_step(q, *caches[1], k_new, v_new, keep, *args)
+        assert got.dtype == dtype and torch.equal(got, want), (got.float() - want.float()).abs().max()
+        for a, b in zip(*caches):
+            assert torch.equal(a, b)
+
+
+@needs_emu
+def test_emulated_decode_step_strided_and_edge_cases(schedule):
+    B, Hq, Hkv, Lmax, D = 3, 4, 2, 36, 16
+    q, k, v = make_cache(B, Hq, Hkv, Lmax, D, torch.float16)
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    k_new = torch.randn(B, D, Hkv).half().transpose(1, 2)  # D-strided token rows
+    v_new = torch.randn(B, Hkv, D).half()
+    lengths, keep = torch.tensor([35, 0, 32]), torch.tensor([True, False, True])
+    caches = [(kt.clone(), v.clone(), lengths.clone()) for _ in range(2)]
+    got = torch.ops.fastvq_emu.decode_step(q, *caches[0], k_new, v_new, keep, None, None)
+    assert torch.equal(got, decode_step(q, *caches[1], k_new, v_new, keep))
+    for a, b in zip(*caches):
+        assert torch.equal(a, b)
+    # Hq = 0: nothing to attend, the kept rows are still appended
+    kc, vc, lc = k.clone(), v.clone(), lengths.clone()
+    e = torch.ops.fastvq_emu.decode_step(q[:, :0], kc, vc, lc, k_new, v_new, keep, None, None)
+    assert e.shape == (B, 0, D) and lc.tolist() == [36, 0, 33] and torch.equal(kc[2, :, 32], k_new[2])
+
+
+@needs_emu
 def test_emulated_out_of_range_traps():
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match=r"__trap\(\) at decode_cuda\.cu:\d+"):
         torch.ops.fastvq_emu.decode_attention(q, k, v, torch.tensor([3, 7]), None, None)
     with pytest.raises(RuntimeError, match=r"__trap\(\) at decode_cuda\.cu:\d+"):
         torch.ops.fastvq_emu.kv_append(k.clone(), v.clone(), torch.tensor([6, 0]), _kn, _vn, _keep)
+    with pytest.raises(RuntimeError, match=r"__trap\(\) at decode_cuda\.cu:\d+"):  # a full cache: no free row
+        torch.ops.fastvq_emu.decode_step(q, k.clone(), v.clone(), torch.tensor([3, 6]), _kn, _vn, ~_keep, None, None)
     # the emulator is usable again after an error
     assert torch.equal(torch.ops.fastvq_emu.decode_attention(q, k, v, _len, None, None), decode_attention(q, k, v, _len))

@@ -49,6 +49,16 @@ struct DecodeAttentionParams {
   int64_t B, Hq, Hkv, G, Lmax, D;
   int64_t Dp;  // D rounded up to kDecodeLanes
   float scale;
+  // decode_step only (null otherwise): the token's own key and value ([B, Hkv, D] element strides, the
+  // cache dtype), attended as if they were row lengths[b] of the cache (whose bias is bias[b, lengths[b]])
+  const void* k_new;
+  int64_t kn_stride_b, kn_stride_h, kn_stride_d;
+  const void* v_new;
+  int64_t vn_stride_b, vn_stride_h, vn_stride_d;
+  // decode_step on the CPU: where keep[b], each task also writes its row lengths[b] of the caches (the
+  // host bumps the lengths afterwards); null: nothing is written
+  const bool* keep;
+  int64_t keep_stride;
   // CUDA split-K partials: [B * Hkv, num_chunks, G, D] and [B * Hkv, num_chunks, G, 2] (m, l)
   float* part_acc;
   float* part_ml;

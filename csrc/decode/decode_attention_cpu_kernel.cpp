@@ -14,6 +14,16 @@
 #endif
 
 namespace fastvq {
+namespace {
+
+// decode_max folded over s[0, n) from s[0], as the CUDA kernel does: NaN exactly when s[0] is NaN.
+inline float max_fold_sequential(const float* s, int64_t n) {
+  float m = s[0];
+  for (int64_t t = 1; t < n; ++t) m = decode_max(m, s[t]);
+  return m;
+}
+
+}  // namespace
 
 // ---- portable fallback: 16-lane arrays (fmaf per lane keeps the single rounding of an fma) ----------
 namespace decode_scalar {
@@ -36,9 +46,19 @@ struct V {
   static void store(float* p, const F& a) {
     for (int i = 0; i < 16; ++i) p[i] = a.v[i];
   }
+  static F sub(const F& a, const F& b) {
+    F r;
+    for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] - b.v[i];
+    return r;
+  }
   static F mul(const F& a, const F& b) {
     F r;
     for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  static F exp(const F& x) {
+    F r;
+    for (int i = 0; i < 16; ++i) r.v[i] = decode_exp(x.v[i]);
     return r;
   }
   static F fma(const F& a, const F& b, const F& c) {
@@ -54,6 +74,10 @@ struct V {
     for (int i = 0; i < 2; ++i) t[i] = t[i] + t[i + 2];
     return t[0] + t[1];
   }
+  static void reduce16(const F* a, float* out) {
+    for (int i = 0; i < 16; ++i) out[i] = sum_tree(a[i]);
+  }
+  static float max_fold(const float* s, int64_t n) { return max_fold_sequential(s, n); }
 };
 
 inline int64_t convert_fp16_contiguous(const uint16_t*, int64_t, float*) { return 0; }
@@ -77,8 +101,30 @@ struct V {
   static F set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
   static F load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
   static void store(float* p, F a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
+  static F sub(F a, F b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
   static F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
   static F fma(F a, F b, F c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+  // decode_exp of decode.h, operation for operation
+  static __m256 exp8(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.f);
+    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145751953125f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860682030941723e-06f), r);
+    __m256 p = _mm256_set1_ps(1.38888889e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-126.f);
+    const __m256 t = _mm256_blendv_ps(hi, n, _mm256_cmp_ps(n, hi, _CMP_LE_OQ));   // n <= 127 ? n : 127
+    const __m256 nc = _mm256_blendv_ps(lo, t, _mm256_cmp_ps(n, lo, _CMP_GE_OQ));  // n >= -126 ? t : -126
+    const __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(nc), _mm256_set1_epi32(127));
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+    return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_LT_OQ));
+  }
+  static F exp(F x) { return {exp8(x.lo), exp8(x.hi)}; }
   static float sum_tree(F a) {
     const __m256 t8 = _mm256_add_ps(a.lo, a.hi);                                           // (l, l + 8)
     __m128 t = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));       // (l, l + 4)
@@ -86,6 +132,10 @@ struct V {
     t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));                                            // (0, 1)
     return _mm_cvtss_f32(t);
   }
+  static void reduce16(const F* a, float* out) {
+    for (int i = 0; i < 16; ++i) out[i] = sum_tree(a[i]);
+  }
+  static float max_fold(const float* s, int64_t n) { return max_fold_sequential(s, n); }
 };
 
 inline int64_t convert_fp16_contiguous(const uint16_t* src, int64_t n, float* dst) {
@@ -115,14 +165,69 @@ struct V {
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // decode_exp of decode.h, operation for operation
+  static F exp(F x) {
+    const __m512 magic = _mm512_set1_ps(12582912.f);
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860682030941723e-06f), r);
+    __m512 p = _mm512_set1_ps(1.38888889e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-126.f);
+    const __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, hi, _CMP_LE_OQ), hi, n);   // n <= 127 ? n : 127
+    const __m512 nc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, lo, _CMP_GE_OQ), lo, t);  // n >= -126 ? t : -126
+    const __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(nc), _mm512_set1_epi32(127));
+    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33f), _CMP_LT_OQ), y, _mm512_setzero_ps());
+  }
   static float sum_tree(F a) {
     const __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));  // (l, l + 8)
     __m128 t = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));           // (l, l + 4)
     t = _mm_add_ps(t, _mm_movehl_ps(t, t));                                                    // (l, l + 2)
     t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));                                                // (0, 1)
     return _mm_cvtss_f32(t);
+  }
+  // out[i] = sum_tree(a[i]) for 16 vectors: each level adds the same pairs as sum_tree, two, four, eight
+  // and sixteen rows per instruction; the last level leaves row k + 4j in element 4k + j.
+  static void reduce16(const F* a, float* out) {
+    __m512 s8[8], s4[4], s2[2];
+    for (int i = 0; i < 8; ++i) {  // (l, l + 8): rows 2i, 2i + 1 in the low and high halves
+      s8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    for (int i = 0; i < 4; ++i) {  // (l, l + 4): rows 4i .. 4i + 3 in the four 128-bit lanes
+      s4[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s8[2 * i], s8[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_f32x4(s8[2 * i], s8[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+    for (int i = 0; i < 2; ++i) {  // (l, l + 2): lane k holds rows 8i + k (elements 0, 1) and 8i + 4 + k (2, 3)
+      s2[i] = _mm512_add_ps(_mm512_shuffle_ps(s4[2 * i], s4[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_ps(s4[2 * i], s4[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    // (0, 1): element 4k + j is row k + 4j
+    const __m512 s1 = _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(s2[0], s2[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, s1));
+  }
+  // decode_max folded from s[0]: the maximum of the non-NaN elements (any order: max is exact), NaN when
+  // s[0] is NaN (the sign of a zero maximum may differ from the fold's; no result depends on it)
+  static float max_fold(const float* s, int64_t n) {
+    if (s[0] != s[0]) return s[0];
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 valid = n - t >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - t)) - 1u);
+      const __m512 x = _mm512_maskz_loadu_ps(valid, s + t);
+      mx = _mm512_mask_max_ps(mx, _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q) & valid, mx, x);
+    }
+    return _mm512_reduce_max_ps(mx);
   }
 };
 

@@ -25,6 +25,20 @@ int64_t first_length_outside(const DecodeIndex type, const void* lengths, int64_
   return -1;
 }
 
+
+// Runs the attention tasks of p (one per (sequence, kv-head)) over the threads.
+void run_tasks(const DecodeAttentionParams& p) {
+  if (p.B * p.Hkv == 0) return;
+  const CpuIsa isa = cpu_isa_active();
+  const int64_t scratch_floats = decode_attention_cpu_scratch_floats(p);
+  // A task reads about Lmax * D * 2 elements; small problems stay on one thread.
+  const int64_t task_work = std::max<int64_t>(1, p.Lmax * p.D * 2 * std::max<int64_t>(p.G, 1));
+  at::parallel_for(0, p.B * p.Hkv, std::max<int64_t>(1, 32768 / task_work), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t t = begin; t < end; ++t) decode_attention_cpu_task(p, isa, t, scratch.data());
+  });
+}
+
 }  // namespace
 
 // q [B, Hq, D], k_cache / v_cache [B, Hkv, Lmax, D], lengths [B], bias [B, Lmax] -> out [B, Hq, D] (q's dtype)
@@ -38,14 +52,36 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   TORCH_CHECK(bad < 0, "decode_attention: lengths must be in [0, Lmax] = [0, ", s.Lmax, "], got ",
               bad < 0 ? 0 : decode_load_index(p.lengths, p.lengths_type, bad * p.lengths_stride), " at sequence ", bad);
   if (out.numel() == 0) return out.to(q.scalar_type());
-  const CpuIsa isa = cpu_isa_active();
-  const int64_t scratch_floats = decode_attention_cpu_scratch_floats(p);
-  // A task reads about Lmax * D * 2 elements; small problems stay on one thread.
-  const int64_t task_work = std::max<int64_t>(1, s.Lmax * s.D * 2 * s.G);
-  at::parallel_for(0, s.B * s.Hkv, std::max<int64_t>(1, 32768 / task_work), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(scratch_floats);
-    for (int64_t t = begin; t < end; ++t) decode_attention_cpu_task(p, isa, t, scratch.data());
-  });
+  run_tasks(p);
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+// One decode step, in place: out = attention of q over the cache rows [0, lengths[b]) and the token's own
+// k_new[b] / v_new[b] (as row lengths[b]); then, where keep[b], the token's row is written at lengths[b]
+// and lengths[b] grows by one. Equal, bit for bit, to kv_append(keep = all) + decode_attention + releasing
+// the row where !keep. All checks come before any write.
+at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& lengths, const at::Tensor& k_new, const at::Tensor& v_new,
+                           const at::Tensor& keep, std::optional<double> scale, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "decode_step";
+  const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale, op);
+  kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep, op);
+  at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options().dtype(at::kFloat));
+  DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
+  decode_step_params(p, k_new, v_new, keep);
+  const int64_t bad = first_length_outside(p.lengths_type, p.lengths, p.lengths_stride, s.B, 0, s.Lmax - 1);
+  if (bad >= 0) {
+    const int64_t n = decode_load_index(p.lengths, p.lengths_type, bad * p.lengths_stride);
+    TORCH_CHECK(n != s.Lmax, op, ": the cache of sequence ", bad, " is full (lengths[", bad, "] = Lmax = ", s.Lmax,
+                "): the token needs a free row even where it is not kept; allocate a longer cache");
+    TORCH_CHECK(false, op, ": lengths must be in [0, Lmax - 1] = [0, ", s.Lmax - 1, "], got ", n, " at sequence ", bad);
+  }
+  run_tasks(p);  // also where G == 0: the tasks write the kept rows
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (!p.keep[b * p.keep_stride]) continue;
+    const int64_t i = b * p.lengths_stride;
+    decode_store_index(const_cast<void*>(p.lengths), p.lengths_type, i, decode_load_index(p.lengths, p.lengths_type, i) + 1);
+  }
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
@@ -95,6 +131,7 @@ void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
   m.impl("decode_attention", &decode_attention_cpu);
   m.impl("kv_append", &kv_append_cpu);
+  m.impl("decode_step", &decode_step_cpu);
 }
 
 }  // namespace fastvq

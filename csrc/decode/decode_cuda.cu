@@ -86,6 +86,12 @@ __device__ __forceinline__ void stage_rows(float* tile, const scalar_t* base, in
   }
 }
 
+// row[0, Dp) = one row (stride_d) as fp32, zero past D: decode_step's own key or value.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_self(float* row, const scalar_t* src, int64_t stride_d, int64_t D, int64_t Dp) {
+  for (int64_t d = threadIdx.x; d < Dp; d += kChunkThreads) row[d] = d < D ? to_float(src[d * stride_d]) : 0.f;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const DecodeAttentionParams p) {
   FASTVQ_DYNAMIC_SHARED(float, smem);
@@ -93,18 +99,26 @@ __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const Decod
   float* tile = smem;         // [C, Dp] the chunk's keys, then its values
   float* sc = smem + C * Dp;  // [G, C] scores, then probabilities
   const int64_t bh = blockIdx.x, c = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
-  const int64_t len = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  FASTVQ_KERNEL_ASSERT(len >= 0 && len <= p.Lmax && "decode_attention: lengths must be in [0, Lmax]");
+  // decode_step: the token's own row (k_new / v_new) follows the cache's len_cache rows
+  const int64_t len_cache = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
+  const int64_t len = len_cache + (p.k_new != nullptr ? 1 : 0);
+  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len <= p.Lmax &&
+                       "decode: lengths must be in [0, Lmax] (decode_attention), [0, Lmax - 1] (decode_step)");
   const int64_t t0 = c * C;
   if (t0 >= len) return;  // uniform over the block
   const int nt = static_cast<int>(len - t0 < C ? len - t0 : C);
+  const int nt_cache = static_cast<int>(len_cache - t0 < nt ? len_cache - t0 : nt);  // the rest: the token's row
   const int tid = threadIdx.x, hw = tid / 16, lane = tid % 16;
 
   const scalar_t* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride_b + h * G * p.q_stride_h;
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride_b + h * p.k_stride_h + t0 * p.k_stride_l;
   const scalar_t* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride_b + h * p.v_stride_h + t0 * p.v_stride_l;
 
-  stage_rows<scalar_t>(tile, k, p.k_stride_l, p.k_stride_d, p.k_vec, nt, D, Dp);
+  stage_rows<scalar_t>(tile, k, p.k_stride_l, p.k_stride_d, p.k_vec, nt_cache, D, Dp);
+  if (nt_cache < nt) {
+    stage_self<scalar_t>(tile + nt_cache * Dp, static_cast<const scalar_t*>(p.k_new) + b * p.kn_stride_b + h * p.kn_stride_h,
+                         p.kn_stride_d, D, Dp);
+  }
   __syncthreads();
   // Scores: a half-warp per (g, t); the loop's trip count is uniform, so every lane reaches the shuffles.
   const int64_t work = G * nt;
@@ -150,7 +164,11 @@ __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const Decod
     ml[2 * g] = mc;
     ml[2 * g + 1] = lc;
   }
-  stage_rows<scalar_t>(tile, v, p.v_stride_l, p.v_stride_d, p.v_vec, nt, D, Dp);  // the keys are no longer read
+  stage_rows<scalar_t>(tile, v, p.v_stride_l, p.v_stride_d, p.v_vec, nt_cache, D, Dp);  // the keys are no longer read
+  if (nt_cache < nt) {
+    stage_self<scalar_t>(tile + nt_cache * Dp, static_cast<const scalar_t*>(p.v_new) + b * p.vn_stride_b + h * p.vn_stride_h,
+                         p.vn_stride_d, D, Dp);
+  }
   __syncthreads();
   float* part = p.part_acc + (bh * p.num_chunks + c) * G * D;
   for (int64_t i = tid; i < G * D; i += kChunkThreads) {
@@ -164,8 +182,10 @@ __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const Decod
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeAttentionParams p) {
   const int64_t bq = blockIdx.x, b = bq / p.Hq, hq = bq % p.Hq, h = hq / p.G, g = hq % p.G, bh = b * p.Hkv + h;
-  const int64_t len = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  FASTVQ_KERNEL_ASSERT(len >= 0 && len <= p.Lmax && "decode_attention: lengths must be in [0, Lmax]");
+  const int64_t len_cache = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
+  const int64_t len = len_cache + (p.k_new != nullptr ? 1 : 0);
+  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len <= p.Lmax &&
+                       "decode: lengths must be in [0, Lmax] (decode_attention), [0, Lmax - 1] (decode_step)");
   const int64_t chunks = (len + kDecodeChunk - 1) / kDecodeChunk;
   scalar_t* out = static_cast<scalar_t*>(p.out) + bq * p.D;
   const float* ml = p.part_ml + (bh * p.num_chunks * p.G + g) * 2;  // chunk c at + c * G * 2
@@ -232,14 +252,11 @@ bool rows_vectorisable(const at::Tensor& t) {
 
 }  // namespace
 
-at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const at::Tensor& lengths, std::optional<double> scale,
-                                 const std::optional<at::Tensor>& bias) {
-  FASTVQ_CUDA_DEVICE_GUARD(q.device());
-  const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale);
-  at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options());
-  if (out.numel() == 0) return out;
-  DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
+namespace {
+
+// The attention kernels of p (decode_attention, or decode_step's attention when p.k_new is set) into out.
+void launch_attention(DecodeAttentionParams& p, const DecodeAttentionShape& s, const at::Tensor& q,
+                      const at::Tensor& k_cache, const at::Tensor& v_cache, const char* op) {
   const int64_t chunks = std::max<int64_t>(p.num_chunks, 1);
   at::Tensor part_acc = at::empty({s.B * s.Hkv, chunks, s.G, s.D}, q.options().dtype(at::kFloat));
   at::Tensor part_ml = at::empty({s.B * s.Hkv, chunks, s.G, 2}, q.options().dtype(at::kFloat));
@@ -247,10 +264,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   p.part_ml = part_ml.data_ptr<float>();
   p.k_vec = rows_vectorisable(k_cache);
   p.v_vec = rows_vectorisable(v_cache);
-  TORCH_CHECK(s.B * s.Hkv <= 0x7fffffff && s.B * s.Hq <= 0x7fffffff && p.num_chunks <= 65535,
-              "decode_attention: the problem is too large for one launch (B * Hq = ", s.B * s.Hq, ", Lmax = ", s.Lmax, ")");
+  TORCH_CHECK(s.B * s.Hkv <= 0x7fffffff && s.B * s.Hq <= 0x7fffffff && p.num_chunks <= 65535, op,
+              ": the problem is too large for one launch (B * Hq = ", s.B * s.Hq, ", Lmax = ", s.Lmax, ")");
   const size_t smem = static_cast<size_t>(kDecodeChunk * p.Dp + s.G * kDecodeChunk) * sizeof(float);
-  decode_dispatch(q.scalar_type(), "decode_attention", [&](auto tag) {
+  decode_dispatch(q.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto stream = FASTVQ_CUDA_STREAM();
     if (p.num_chunks > 0) {
@@ -263,16 +280,13 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                          dim3(kCombineThreads), 0, stream, p);
     FASTVQ_CUDA_LAUNCH_CHECK();
   });
-  return out;
 }
 
-void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
-                    const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep) {
-  FASTVQ_CUDA_DEVICE_GUARD(k_cache.device());
-  const KvAppendParams p = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep);
+// The append kernels: the kept rows, then (a second launch, after every block read the lengths) the lengths.
+void launch_append(const KvAppendParams& p, at::ScalarType dtype, const char* op) {
   if (p.B == 0) return;
   const auto stream = FASTVQ_CUDA_STREAM();
-  decode_dispatch(k_cache.scalar_type(), "kv_append", [&](auto tag) {
+  decode_dispatch(dtype, op, [&](auto tag) {
     using scalar_t = decltype(tag);
     if (p.Hkv > 0 && p.D > 0) {
       FASTVQ_LAUNCH_KERNEL(kv_append_copy_kernel<scalar_t>, dim3(static_cast<unsigned>(p.B * p.Hkv)),
@@ -285,9 +299,52 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
   FASTVQ_CUDA_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& lengths, std::optional<double> scale,
+                                 const std::optional<at::Tensor>& bias) {
+  FASTVQ_CUDA_DEVICE_GUARD(q.device());
+  const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale);
+  at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options());
+  if (out.numel() == 0) return out;
+  DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
+  launch_attention(p, s, q, k_cache, v_cache, "decode_attention");
+  return out;
+}
+
+void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
+                    const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep) {
+  FASTVQ_CUDA_DEVICE_GUARD(k_cache.device());
+  const KvAppendParams p = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep);
+  launch_append(p, k_cache.scalar_type(), "kv_append");
+}
+
+// decode_step: the attention over the cache and the token's own row, then the append of the kept rows
+// (stream order: every attention block has read its lengths before they change). Lengths out of range
+// trip a device-side assert.
+at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& lengths, const at::Tensor& k_new, const at::Tensor& v_new,
+                            const at::Tensor& keep, std::optional<double> scale, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "decode_step";
+  FASTVQ_CUDA_DEVICE_GUARD(q.device());
+  const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale, op);
+  const KvAppendParams ap = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep, op);
+  at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options());
+  if (out.numel() > 0) {
+    DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
+    decode_step_params(p, k_new, v_new, keep);
+    p.keep = nullptr;  // the append kernels write the rows
+    launch_attention(p, s, q, k_cache, v_cache, op);
+  }
+  launch_append(ap, k_cache.scalar_type(), op);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(FASTVQ_CUDA_LIBRARY, FASTVQ_CUDA_DISPATCH_KEY, m) {
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("kv_append", &kv_append_cuda);
+  m.impl("decode_step", &decode_step_cuda);
 }
 
 }  // namespace fastvq

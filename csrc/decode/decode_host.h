@@ -30,10 +30,10 @@ struct DecodeAttentionShape {
 };
 
 // q [B, Hq, D], k_cache / v_cache [B, Hkv, Lmax, D], lengths [B], bias [B, Lmax] -> the shape, checked.
+// `op` names the op in the messages (decode_attention or decode_step).
 inline DecodeAttentionShape decode_attention_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& lengths, const std::optional<at::Tensor>& bias,
-                                                   std::optional<double> scale) {
-  constexpr const char* op = "decode_attention";
+                                                   std::optional<double> scale, const char* op = "decode_attention") {
   TORCH_CHECK(decode_supported_dtype(q.scalar_type()), op, ": q must be float32, float16 or bfloat16, got ",
               q.scalar_type());
   TORCH_CHECK(q.dim() == 3, op, ": q must be [B, Hq, D], got shape ", q.sizes());
@@ -95,9 +95,10 @@ inline DecodeAttentionParams decode_attention_params(const DecodeAttentionShape&
 }
 
 // k_cache / v_cache [B, Hkv, Lmax, D], lengths [B], k_new / v_new [B, Hkv, D], keep [B] bool: checked.
+// `op` names the op in the messages (kv_append or decode_step).
 inline KvAppendParams kv_append_check(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
-                                      const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep) {
-  constexpr const char* op = "kv_append";
+                                      const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep,
+                                      const char* op = "kv_append") {
   TORCH_CHECK(decode_supported_dtype(k_cache.scalar_type()), op,
               ": k_cache must be float32, float16 or bfloat16, got ", k_cache.scalar_type());
   TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must be [B, Hkv, Lmax, D], got shape ", k_cache.sizes());
@@ -134,6 +135,16 @@ inline KvAppendParams kv_append_check(const at::Tensor& k_cache, const at::Tenso
   p.keep = keep.data_ptr<bool>(), p.keep_stride = keep.stride(0);
   p.B = B, p.Hkv = Hkv, p.Lmax = k_cache.size(2), p.D = D;
   return p;
+}
+
+// decode_step: the token's rows and keep flags into the attention params (checked by kv_append_check).
+inline void decode_step_params(DecodeAttentionParams& p, const at::Tensor& k_new, const at::Tensor& v_new,
+                               const at::Tensor& keep) {
+  p.k_new = k_new.data_ptr(), p.kn_stride_b = k_new.stride(0), p.kn_stride_h = k_new.stride(1);
+  p.kn_stride_d = k_new.stride(2);
+  p.v_new = v_new.data_ptr(), p.vn_stride_b = v_new.stride(0), p.vn_stride_h = v_new.stride(1);
+  p.vn_stride_d = v_new.stride(2);
+  p.keep = keep.data_ptr<bool>(), p.keep_stride = keep.stride(0);
 }
 
 }  // namespace fastvq

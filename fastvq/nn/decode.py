@@ -6,16 +6,16 @@ earlier token of its merge group is hidden from every later position during trai
 keeps only first occurrences (:func:`first_occurrence`), about K entries instead of L, and decode time,
 which is dominated by reading the cache, shrinks with it. A duplicate still runs its own forward step (its
 output predicts the next token) and attends to the kept entries *and to itself*:
-:meth:`CompressedKVCache.attend` writes the token's own row at the next free slot of the cache, attends over
-the kept prefix plus that row, and releases the row again when the token is a duplicate, so nothing is
-copied and the result equals a full forward pass under :func:`merge_causal_mask`.
+:meth:`CompressedKVCache.attend` (one :func:`fastvq.ops.decode_step`) attends over the kept prefix plus the
+token's own key and value, and writes that row to the cache only when the token is a first occurrence, so
+nothing is copied and the result equals a full forward pass under :func:`merge_causal_mask`.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from fastvq.ops.decode import decode_attention, kv_append
+from fastvq.ops.decode import decode_step, kv_append
 
 
 def first_occurrence(group_ids: Tensor) -> Tensor:
@@ -92,7 +92,6 @@ class CompressedKVCache(nn.Module):
                              persistent=False)
         self.register_buffer("positions", torch.full((batch_size, self.capacity), -1, dtype=torch.int64, device=device),
                              persistent=False)
-        self.register_buffer("_all", torch.ones(batch_size, dtype=torch.bool, device=device), persistent=False)
         self.steps = 0
 
     # ---- decoding -------------------------------------------------------------------------------------
@@ -102,15 +101,14 @@ class CompressedKVCache(nn.Module):
         """One decode step of one layer: attention of ``q [B, Hq, D]`` over the kept entries and the token's
         own ``k, v [B, Hkv, D]``; afterwards the token stays in the cache only where ``keep [B]``.
 
-        The token's row is written at each sequence's next free row (the spare row for a full sequence),
-        attended with :func:`fastvq.ops.decode_attention`, and released again for duplicates: no copy of the
-        cache. ``bias``: optional ``[B, capacity]`` logit bias. Returns ``[B, Hq, D]`` in the cache dtype."""
+        One :func:`fastvq.ops.decode_step`: the token's own row is attended straight from ``k, v`` (as the
+        row after the kept ones) and written to the cache only where ``keep``: no copy of the cache.
+        ``bias``: optional ``[B, capacity]`` logit bias (the token's own logit takes ``bias[b, counts[b]]``).
+        Returns ``[B, Hq, D]`` in the cache dtype."""
         keep = self._check_step("attend", layer, k, v, keep)
         lengths = self.lengths[layer]
         before = lengths.clone() if layer == 0 else None
-        kv_append(self.k[layer], self.v[layer], lengths, k, v, self._all)
-        out = decode_attention(q, self.k[layer], self.v[layer], lengths, scale, bias)
-        lengths.sub_((~keep).to(lengths.dtype))
+        out = decode_step(q, self.k[layer], self.v[layer], lengths, k, v, keep, scale, bias)
         if layer == 0:
             self._record(before, keep)
         return out

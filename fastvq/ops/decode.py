@@ -54,6 +54,32 @@ def kv_append(k_cache: Tensor, v_cache: Tensor, lengths: Tensor, k_new: Tensor, 
     torch.ops.fastvq.kv_append.default(k_cache, v_cache, lengths, k_new, v_new, keep)
 
 
+def decode_step(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, k_new: Tensor, v_new: Tensor,
+                keep: Tensor, scale: float | None = None, bias: Tensor | None = None) -> Tensor:
+    """One MergeAR decode step of one layer, in place: the new token attends to the kept entries *and to
+    itself*, and its key and value stay in the cache only where ``keep``.
+
+    ``out[b] = decode_attention`` over the cache rows ``[0, lengths[b])`` followed by the token's own
+    ``k_new[b], v_new[b]`` (as if at row ``lengths[b]``, whose bias is ``bias[b, lengths[b]]``). Then,
+    where ``keep[b]``, that row is written at ``lengths[b]`` and ``lengths[b]`` grows by one; elsewhere
+    the cache is untouched. The result equals, bit for bit, :func:`kv_append` with ``keep`` all True,
+    :func:`decode_attention`, then ``lengths -= ~keep``: one op (one pass, no extra dispatch) instead of
+    three.
+
+    Args:
+        q: ``[B, Hq, D]``; k_cache, v_cache: ``[B, Hkv, Lmax, D]``; lengths: ``[B]`` int64/int32 with
+            ``0 <= lengths[b] <= Lmax - 1`` (the token needs a free row, even where it is not kept).
+        k_new, v_new: ``[B, Hkv, D]``, the token's key and value, in q's dtype; they must not overlap the caches.
+        keep: ``[B]`` bool, True where the token is the first occurrence of its merge group.
+        scale, bias: as for :func:`decode_attention` (``bias [B, Lmax]``).
+
+    Returns:
+        ``[B, Hq, D]`` in q's dtype. Mutates ``k_cache``, ``v_cache`` and ``lengths``; every check comes before
+        any write (on CUDA, lengths out of range trip a device-side assert). Inference only.
+    """
+    return torch.ops.fastvq.decode_step.default(q, k_cache, v_cache, lengths, k_new, v_new, keep, scale, bias)
+
+
 # ---- fake kernels -------------------------------------------------------------------------------------
 
 def _check_lengths(op: str, lengths: Tensor, B: int, device: torch.device) -> None:
@@ -63,9 +89,7 @@ def _check_lengths(op: str, lengths: Tensor, B: int, device: torch.device) -> No
     torch._check(lengths.device == device, lambda: f"{op}: lengths must be on {device} like the cache, got {lengths.device}")
 
 
-@torch.library.register_fake("fastvq::decode_attention")
-def _decode_attention_fake(q, k_cache, v_cache, lengths, scale=None, bias=None):
-    op = "decode_attention"
+def _check_attention(op, q, k_cache, v_cache, lengths, scale, bias):
     torch._check(q.dtype in _FLOATS, lambda: f"{op}: q must be float32, float16 or bfloat16, got {q.dtype}")
     torch._check(q.dim() == 3, lambda: f"{op}: q must be [B, Hq, D], got shape {list(q.shape)}")
     torch._check(k_cache.dim() == 4, lambda: f"{op}: k_cache must be [B, Hkv, Lmax, D], got shape {list(k_cache.shape)}")
@@ -92,12 +116,9 @@ def _decode_attention_fake(q, k_cache, v_cache, lengths, scale=None, bias=None):
                      lambda: f"{op}: bias must be [B, Lmax] = [{B}, {Lmax}], got shape {list(bias.shape)}")
     if scale is not None:
         torch._check(math.isfinite(scale), lambda: f"{op}: scale must be finite, got {scale}")
-    return q.new_empty((B, Hq, D))
 
 
-@torch.library.register_fake("fastvq::kv_append")
-def _kv_append_fake(k_cache, v_cache, lengths, k_new, v_new, keep):
-    op = "kv_append"
+def _check_append(op, k_cache, v_cache, lengths, k_new, v_new, keep):
     torch._check(k_cache.dtype in _FLOATS, lambda: f"{op}: k_cache must be float32, float16 or bfloat16, got {k_cache.dtype}")
     torch._check(k_cache.dim() == 4, lambda: f"{op}: k_cache must be [B, Hkv, Lmax, D], got shape {list(k_cache.shape)}")
     torch._check(v_cache.shape == k_cache.shape,
@@ -115,7 +136,25 @@ def _kv_append_fake(k_cache, v_cache, lengths, k_new, v_new, keep):
     torch._check(keep.dtype == torch.bool, lambda: f"{op}: keep must be bool, got {keep.dtype}")
     torch._check(keep.dim() == 1 and keep.shape[0] == B, lambda: f"{op}: keep must be [B] = [{B}], got shape {list(keep.shape)}")
     torch._check(keep.device == k_cache.device, lambda: f"{op}: keep must be on {k_cache.device}, got {keep.device}")
+
+
+@torch.library.register_fake("fastvq::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, lengths, scale=None, bias=None):
+    _check_attention("decode_attention", q, k_cache, v_cache, lengths, scale, bias)
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("fastvq::kv_append")
+def _kv_append_fake(k_cache, v_cache, lengths, k_new, v_new, keep):
+    _check_append("kv_append", k_cache, v_cache, lengths, k_new, v_new, keep)
     return None
+
+
+@torch.library.register_fake("fastvq::decode_step")
+def _decode_step_fake(q, k_cache, v_cache, lengths, k_new, v_new, keep, scale=None, bias=None):
+    _check_attention("decode_step", q, k_cache, v_cache, lengths, scale, bias)
+    _check_append("decode_step", k_cache, v_cache, lengths, k_new, v_new, keep)
+    return q.new_empty(q.shape)
 
 
 # ---- autograd -----------------------------------------------------------------------------------------

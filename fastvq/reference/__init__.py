@@ -1,5 +1,6 @@
 """Pure-PyTorch references of every fastvq op: the oracles the tests compare kernels against."""
-from fastvq.reference.decode import decode_attention_full_mask_ref, decode_attention_ref, kv_append_ref
+from fastvq.reference.decode import (decode_attention_full_mask_ref, decode_attention_ref, decode_step_ref,
+                                     kv_append_ref)
 from fastvq.reference.lfq import (
     lfq_codes_from_ids_ref,
     lfq_entropy_factorized_ref,
@@ -21,5 +22,5 @@ __all__ = [
     "lfq_quantize_ref", "lfq_codes_from_ids_ref", "lfq_entropy_ref", "lfq_entropy_factorized_ref",
     "lfq_loss_ref",
     "bipartite_merge_ref", "compose_source_ref", "unmerge_ref", "tome_merge_dense_ref", "unmerge_dense_ref",
-    "decode_attention_ref", "kv_append_ref", "decode_attention_full_mask_ref",
+    "decode_attention_ref", "kv_append_ref", "decode_step_ref", "decode_attention_full_mask_ref",
 ]

@@ -4,6 +4,8 @@ oracles and the benchmark baselines.
 - :func:`decode_attention_ref`: attention of one query per sequence over the valid prefix of a ragged
   cache, by the definition (padded logits masked with ``-inf``, a softmax in float32).
 - :func:`kv_append_ref`: the deduplicating append, out of place.
+- :func:`decode_step_ref`: one MergeAR decode step (attend over the kept entries and the token itself, then
+  keep the token's row where it is a first occurrence), out of place.
 - :func:`decode_attention_full_mask_ref`: the baseline MergeAR replaces, what a model without a compacted
   cache does each step: attention over the *full* cache of every past position, with a boolean mask that
   hides the dropped (duplicate) entries.
@@ -67,6 +69,19 @@ def kv_append_ref(k_cache: Tensor, v_cache: Tensor, lengths: Tensor, k_new: Tens
         v_cache[b, :, n] = v_new[b]
         lengths[b] = n + 1
     return k_cache, v_cache, lengths
+
+
+def decode_step_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, k_new: Tensor, v_new: Tensor,
+                    keep: Tensor, scale: float | None = None,
+                    bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference of :func:`fastvq.ops.decode_step`, out of place: returns ``(out, k_cache, v_cache, lengths)``.
+    The token's row is appended to every sequence, attended, and kept only where ``keep``. Raises ValueError
+    when a sequence has no free row."""
+    every = torch.ones_like(keep)
+    k_all, v_all, len_all = kv_append_ref(k_cache, v_cache, lengths, k_new, v_new, every)
+    out = decode_attention_ref(q, k_all, v_all, len_all, scale, bias)
+    k_kept, v_kept, len_kept = kv_append_ref(k_cache, v_cache, lengths, k_new, v_new, keep)
+    return out, k_kept, v_kept, len_kept
 
 
 def decode_attention_full_mask_ref(q: Tensor, k_full: Tensor, v_full: Tensor, mask: Tensor,
