@@ -10,7 +10,7 @@
 //   chunk    m_c = max_t s, p_t = decode_exp(s_t - m_c), l_c = sum_t p_t (in t order),
 //            acc_c[d] = sum_t p_t v[t, d] (fmaf, in t order)
 //   combine  chunks folded left to right with decode_combine (the online-softmax merge)
-//   out      acc / l (zeros where l == 0: an empty cache, or every logit -inf)
+//   out      acc * (1 / l) (zeros where l == 0: an empty cache, or every logit -inf)
 // The CPU walks the chunks of one (b, h) in one pass; CUDA computes every chunk in its own block
 // (flash-decoding's split-K) and a second kernel folds them in the same order.
 // Torch-free.
@@ -154,7 +154,10 @@ FASTVQ_HOST_DEVICE DecodeMerge decode_merge_factors(float m1, float m2) {
 
 FASTVQ_HOST_DEVICE float decode_merge(float x1, float x2, const DecodeMerge& f) { return fmaf(x1, f.a1, x2 * f.a2); }
 
-// The final division: zeros for an empty softmax (l == 0); a NaN l (NaN logits) stays NaN.
-FASTVQ_HOST_DEVICE float decode_finish(float acc, float l) { return l == 0.f ? 0.f : acc / l; }
+// The final normalisation out = acc * (1 / l): one IEEE division per query head, then a multiply per element
+// (both backends; acc / l per element would cost D divisions). Zeros for an empty softmax (l == 0: the
+// inverse is 0 and acc is 0); a NaN l (NaN logits) stays NaN.
+FASTVQ_HOST_DEVICE float decode_inverse(float l) { return l == 0.f ? 0.f : 1.f / l; }
+FASTVQ_HOST_DEVICE float decode_finish(float acc, float inv_l) { return acc * inv_l; }
 
 }  // namespace fastvq

@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const D
       acc = decode_merge(acc, part[c * p.G * p.D + d], f);
       m = f.m;
     }
-    out[d] = static_cast<scalar_t>(decode_finish(acc, l));
+    out[d] = static_cast<scalar_t>(decode_finish(acc, decode_inverse(l)));
   }
 }
 
