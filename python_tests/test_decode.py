@@ -187,7 +187,9 @@ def test_decode_attention_cpu_isas_bit_identical(cpu_isa):
     prev = fastvq.set_cpu_isa("scalar")
     try:
         cases = []
-        for dtype, D in ((torch.float32, 64), (torch.float16, 80), (torch.bfloat16, 7), (torch.float32, 33)):
+        # rows read in place (fp32, and 16-bit converted in registers) and through the fp32 tile (D % 16 != 0)
+        for dtype, D in ((torch.float32, 64), (torch.float16, 80), (torch.bfloat16, 64), (torch.bfloat16, 7),
+                         (torch.float32, 33)):
             q, k, v = make_cache(5, 8, 2, 70, D, dtype)
             lengths = ragged_lengths(5, 70)
             bias = torch.randn(5, 70)

@@ -6,6 +6,7 @@
 #include <math.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -41,6 +42,16 @@ struct V {
   static F load(const float* p) {
     F r;
     for (int i = 0; i < 16; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static F load_f16(const uint16_t* p) {
+    F r;
+    for (int i = 0; i < 16; ++i) r.v[i] = fp16_to_float(p[i]);
+    return r;
+  }
+  static F load_bf16(const uint16_t* p) {
+    F r;
+    for (int i = 0; i < 16; ++i) r.v[i] = bf16_to_float(p[i]);
     return r;
   }
   static void store(float* p, const F& a) {
@@ -100,6 +111,12 @@ struct V {
   static F zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static F set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
   static F load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static __m256 f16x8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static __m256 bf16x8(const uint16_t* p) {  // the top halves of float32s
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static F load_f16(const uint16_t* p) { return {f16x8(p), f16x8(p + 8)}; }
+  static F load_bf16(const uint16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
   static void store(float* p, F a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
   static F sub(F a, F b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
   static F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
@@ -164,6 +181,10 @@ struct V {
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F load_bf16(const uint16_t* p) {  // the top halves of float32s
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
   static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
