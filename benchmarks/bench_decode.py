@@ -142,6 +142,18 @@ def test_decode_loop(benchmark: BenchmarkFixture, bench_config: BenchConfig, imp
         bytes=problem.cache_bytes_read(impl), **info)
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_decode_loop_bf16(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str) -> None:
+    """The 44% case with a bfloat16 cache (what a model decoding in bf16 keeps): half the bytes."""
+    batch = bench_config.scaled(B * 16) // 16 or 1
+    problem = DecodeProblem(KEPT[44], batch=batch, dtype=torch.bfloat16)
+    info = {"baseline": BASELINE[impl]} if impl in BASELINE else {}
+    timed_row(benchmark, bench_config, lambda: IMPLS[impl](problem),
+        f"decode {STEPS} steps B={batch} H={H} d={D} bf16, 44% pruned (256->{KEPT[44]})",
+        op="decode_attention", impl=impl, N=batch, rows=batch * STEPS, G=-44.5,
+        bytes=problem.cache_bytes_read(impl), **info)
+
+
 CALL_IMPLS = ("fastvq", "sdpa-sliced")
 
 
