@@ -505,34 +505,20 @@ def test_opcheck():
                                torch.randn(3, 2, 16).to(dtype), torch.tensor([True, False, True])))
 
 
-def test_torch_compile_fullgraph():
+def _step_three_ops(q, k_new, v_new, kc, vc, lengths, keep):
+    kv_append(kc, vc, lengths, k_new, v_new, torch.ones_like(keep))
+    out = decode_attention(q, kc, vc, lengths, None, None)
+    lengths.sub_((~keep).to(lengths.dtype))
+    return out * 2
+
+
+def _step_fused(q, k_new, v_new, kc, vc, lengths, keep):
+    return decode_step(q, kc, vc, lengths, k_new, v_new, keep, None, None) * 2
+
+
+@pytest.mark.parametrize("step", [_step_three_ops, _step_fused], ids=["three_ops", "decode_step"])
+def test_torch_compile_fullgraph(step):
     torch._dynamo.reset()
-
-    def step(q, k_new, v_new, kc, vc, lengths, keep):
-        kv_append(kc, vc, lengths, k_new, v_new, torch.ones_like(keep))
-        out = decode_attention(q, kc, vc, lengths, None, None)
-        lengths.sub_((~keep).to(lengths.dtype))
-        return out * 2
-
-    compiled = torch.compile(step, fullgraph=True)
-    B, Hq, Hkv, L, D = 3, 4, 2, 12, 16
-    caches = [(torch.zeros(B, Hkv, L, D), torch.zeros(B, Hkv, L, D), torch.zeros(B, dtype=torch.long)) for _ in range(2)]
-    for t in range(8):
-        q, k_new, v_new = torch.randn(B, Hq, D), torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
-        keep = torch.rand(B) < 0.6
-        got = compiled(q, k_new, v_new, *caches[0], keep)
-        want = step(q, k_new, v_new, *caches[1], keep)
-        assert torch.equal(got, want)
-        for a, b in zip(*caches):
-            assert torch.equal(a, b)
-
-
-def test_torch_compile_fullgraph_decode_step():
-    torch._dynamo.reset()
-
-    def step(q, k_new, v_new, kc, vc, lengths, keep):
-        return decode_step(q, kc, vc, lengths, k_new, v_new, keep, None, None) * 2
-
     compiled = torch.compile(step, fullgraph=True)
     B, Hq, Hkv, L, D = 3, 4, 2, 12, 16
     caches = [(torch.zeros(B, Hkv, L, D), torch.zeros(B, Hkv, L, D), torch.zeros(B, dtype=torch.long)) for _ in range(2)]

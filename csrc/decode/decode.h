@@ -111,26 +111,37 @@ FASTVQ_HOST_DEVICE float decode_int_bits_to_float(int32_t i) {
 // exp(x) for the softmax's x = s - max <= 0, in fp32 operations that every backend computes identically
 // (the host's expf and CUDA's differ in the last bit, and neither vectorises): Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r (relative error < 2e-7, about 1 ulp), and
-// 2^n through the exponent bits. x < -87.3 (e^x below FLT_MIN) gives 0, -inf gives 0, NaN gives NaN.
-// Every multiply-add is an explicit fmaf, so no compiler contracts differently.
-FASTVQ_HOST_DEVICE float decode_exp(float x) {
-  const float kMagic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer (round to nearest even)
-  const float n = fmaf(x, 1.44269504088896341f, kMagic) - kMagic;
-  float r = fmaf(n, -0.693145751953125f, x);  // ln2 split into a 16-bit head and the rest
-  r = fmaf(n, -1.42860682030941723e-06f, r);
-  float p = 1.38888889e-3f;  // 1/720
-  p = fmaf(p, r, 8.33333333e-3f);
-  p = fmaf(p, r, 4.16666667e-2f);
-  p = fmaf(p, r, 1.66666667e-1f);
-  p = fmaf(p, r, 0.5f);
-  p = fmaf(p, r, 1.f);
-  p = fmaf(p, r, 1.f);
-  // n <= 0 for x <= 0; the clamp keeps the conversion defined for huge or NaN x (whose result is selected away
-  // or NaN through p anyway)
+// 2^n through the exponent bits. x < -87.33 (e^x below FLT_MIN) gives 0, -inf gives 0, NaN gives NaN.
+// Every multiply-add is an explicit fmaf, so no compiler contracts differently. The CPU core's vector exp
+// (decode_attention_cpu_kernel.inc) runs the same operations on these constants.
+constexpr float kDecodeExpMagic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer (nearest even)
+constexpr float kDecodeExpLog2e = 1.44269504088896341f;
+constexpr float kDecodeExpLn2Hi = 0.693145751953125f;  // ln2 split into a 16-bit head and the rest
+constexpr float kDecodeExpLn2Lo = 1.42860682030941723e-06f;
+constexpr float kDecodeExpC6 = 1.38888889e-3f, kDecodeExpC5 = 8.33333333e-3f, kDecodeExpC4 = 4.16666667e-2f;
+constexpr float kDecodeExpC3 = 1.66666667e-1f, kDecodeExpC2 = 0.5f;  // (1/720, 1/120, 1/24, 1/6, 1/2, 1, 1)
+constexpr float kDecodeExpMin = -87.33f;
+
+// 2^n for an integral float n, through the exponent bits; n is clamped to [-126, 127] (n <= 0 for x <= 0;
+// the clamp keeps the conversion defined for huge or NaN x, whose result is selected away or NaN anyway).
+FASTVQ_HOST_DEVICE float decode_pow2(float n) {
   const float nc = n >= -126.f ? (n <= 127.f ? n : 127.f) : -126.f;
-  const int32_t e = static_cast<int32_t>(nc) + 127;
-  const float y = p * decode_int_bits_to_float(e << 23);
-  return x < -87.33f ? 0.f : y;
+  return decode_int_bits_to_float((static_cast<int32_t>(nc) + 127) << 23);
+}
+
+FASTVQ_HOST_DEVICE float decode_exp(float x) {
+  const float n = fmaf(x, kDecodeExpLog2e, kDecodeExpMagic) - kDecodeExpMagic;
+  float r = fmaf(n, -kDecodeExpLn2Hi, x);
+  r = fmaf(n, -kDecodeExpLn2Lo, r);
+  float p = kDecodeExpC6;
+  p = fmaf(p, r, kDecodeExpC5);
+  p = fmaf(p, r, kDecodeExpC4);
+  p = fmaf(p, r, kDecodeExpC3);
+  p = fmaf(p, r, kDecodeExpC2);
+  p = fmaf(p, r, 1.f);
+  p = fmaf(p, r, 1.f);
+  const float y = p * decode_pow2(n);
+  return x < kDecodeExpMin ? 0.f : y;
 }
 
 // exp(s - m) for a chunk whose maximum is m; an all -inf chunk (m == -inf) contributes nothing.

@@ -67,9 +67,14 @@ struct V {
     for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i];
     return r;
   }
-  static F exp(const F& x) {
+  static F pow2(const F& n) {
     F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = decode_exp(x.v[i]);
+    for (int i = 0; i < 16; ++i) r.v[i] = decode_pow2(n.v[i]);
+    return r;
+  }
+  static F zero_below(const F& x, float c, const F& y) {  // x < c ? 0 : y
+    F r;
+    for (int i = 0; i < 16; ++i) r.v[i] = x.v[i] < c ? 0.f : y.v[i];
     return r;
   }
   static F fma(const F& a, const F& b, const F& c) {
@@ -121,27 +126,19 @@ struct V {
   static F sub(F a, F b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
   static F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
   static F fma(F a, F b, F c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
-  // decode_exp of decode.h, operation for operation
-  static __m256 exp8(__m256 x) {
-    const __m256 magic = _mm256_set1_ps(12582912.f);
-    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145751953125f), x);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860682030941723e-06f), r);
-    __m256 p = _mm256_set1_ps(1.38888889e-3f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  // decode_pow2: n clamped to [-126, 127] (NaN -> -126), then the exponent bits
+  static __m256 pow2x8(__m256 n) {
     const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-126.f);
     const __m256 t = _mm256_blendv_ps(hi, n, _mm256_cmp_ps(n, hi, _CMP_LE_OQ));   // n <= 127 ? n : 127
     const __m256 nc = _mm256_blendv_ps(lo, t, _mm256_cmp_ps(n, lo, _CMP_GE_OQ));  // n >= -126 ? t : -126
-    const __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(nc), _mm256_set1_epi32(127));
-    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
-    return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_LT_OQ));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(nc), _mm256_set1_epi32(127)), 23));
   }
-  static F exp(F x) { return {exp8(x.lo), exp8(x.hi)}; }
+  static F pow2(F n) { return {pow2x8(n.lo), pow2x8(n.hi)}; }
+  static F zero_below(F x, float c, F y) {  // x < c ? 0 : y
+    const __m256 cv = _mm256_set1_ps(c), z = _mm256_setzero_ps();
+    return {_mm256_blendv_ps(y.lo, z, _mm256_cmp_ps(x.lo, cv, _CMP_LT_OQ)),
+            _mm256_blendv_ps(y.hi, z, _mm256_cmp_ps(x.hi, cv, _CMP_LT_OQ))};
+  }
   static float sum_tree(F a) {
     const __m256 t8 = _mm256_add_ps(a.lo, a.hi);                                           // (l, l + 8)
     __m128 t = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));       // (l, l + 4)
@@ -189,25 +186,15 @@ struct V {
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  // decode_exp of decode.h, operation for operation
-  static F exp(F x) {
-    const __m512 magic = _mm512_set1_ps(12582912.f);
-    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860682030941723e-06f), r);
-    __m512 p = _mm512_set1_ps(1.38888889e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  // decode_pow2: n clamped to [-126, 127] (NaN -> -126), then the exponent bits
+  static F pow2(F n) {
     const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-126.f);
     const __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, hi, _CMP_LE_OQ), hi, n);   // n <= 127 ? n : 127
     const __m512 nc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, lo, _CMP_GE_OQ), lo, t);  // n >= -126 ? t : -126
-    const __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(nc), _mm512_set1_epi32(127));
-    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33f), _CMP_LT_OQ), y, _mm512_setzero_ps());
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(nc), _mm512_set1_epi32(127)), 23));
+  }
+  static F zero_below(F x, float c, F y) {  // x < c ? 0 : y
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(c), _CMP_LT_OQ), y, _mm512_setzero_ps());
   }
   static float sum_tree(F a) {
     const __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));  // (l, l + 8)
