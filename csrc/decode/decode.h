@@ -11,6 +11,8 @@
 //            acc_c[d] = sum_t p_t v[t, d] (fmaf, in t order)
 //   combine  chunks folded left to right with decode_combine (the online-softmax merge)
 //   out      acc * (1 / l) (zeros where l == 0: an empty cache, or every logit -inf)
+// decode_step is the same with one more row t = lengths[b] read from the token's own k_new / v_new, and
+// that row appended to the cache where keep[b].
 // The CPU walks the chunks of one (b, h) in one pass; CUDA computes every chunk in its own block
 // (flash-decoding's split-K) and a second kernel folds them in the same order.
 // Torch-free.

@@ -13,8 +13,10 @@ namespace fastvq {
 // Floats of per-thread scratch one task needs.
 int64_t decode_attention_cpu_scratch_floats(const DecodeAttentionParams& p);
 
-// Task (b, h) = (task / Hkv, task % Hkv): writes out[b, h*G : (h+1)*G, :] (p.out is fp32 [B, Hq, D]).
-// lengths[b] must be in [0, Lmax] (the host checks).
+// Task (b, h) = (task / Hkv, task % Hkv): writes out[b, h*G : (h+1)*G, :] (p.out is fp32 [B, Hq, D]); for
+// decode_step (p.k_new set) the token's own row is attended too, and where p.keep[b] the task writes it to
+// row lengths[b] of its caches (the host bumps the lengths after every task). lengths[b] must be in
+// [0, Lmax] ([0, Lmax - 1] for decode_step; the host checks).
 void decode_attention_cpu_task(const DecodeAttentionParams& p, CpuIsa isa, int64_t task, float* scratch);
 
 }  // namespace fastvq

@@ -10,9 +10,11 @@
 //                          the keys in shared memory, and a thread per (g, d) writes the chunk's
 //                          un-normalised output. Blocks past a sequence's length exit at once.
 //   decode_combine_kernel  a block per (sequence, query head) folds its chunks left to right with the
-//                          online-softmax merge and divides.
+//                          online-softmax merge and normalises.
 // kv_append: a block per (sequence, kv-head) copies the new rows; a second launch bumps the lengths (in one
 // launch a block could bump a length before another block of the same sequence read it).
+// decode_step: the two attention kernels with the token's own row staged after the cache rows (in the
+// chunk holding row lengths[b]), then kv_append's two kernels.
 // Plain CUDA C++ only (no inline PTX): the emulation build executes this source on the CPU.
 #include "common/cuda_compat.h"
 
