@@ -25,7 +25,6 @@ int64_t first_length_outside(const DecodeIndex type, const void* lengths, int64_
   return -1;
 }
 
-
 // Runs the attention tasks of p (one per (sequence, kv-head)) over the threads.
 void run_tasks(const DecodeAttentionParams& p) {
   if (p.B * p.Hkv == 0) return;
