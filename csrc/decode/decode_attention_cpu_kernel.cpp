@@ -8,6 +8,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/cpu_lanes.h"
 #include "common/dtype.h"
 
 #if defined(__x86_64__)
@@ -29,58 +30,25 @@ inline float max_fold_sequential(const float* s, int64_t n) {
 // ---- portable fallback: 16-lane arrays (fmaf per lane keeps the single rounding of an fma) ----------
 namespace decode_scalar {
 
-struct V {
-  struct F {
-    float v[16];
-  };
-  static F zero() { return set1(0.f); }
-  static F set1(float x) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = x;
-    return r;
-  }
-  static F load(const float* p) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = p[i];
-    return r;
-  }
+struct V : PortableLanes<16> {
   static F load_f16(const uint16_t* p) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = fp16_to_float(p[i]);
-    return r;
+    return gen([&](int l) { return fp16_to_float(p[l]); });
   }
   static F load_bf16(const uint16_t* p) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = bf16_to_float(p[i]);
-    return r;
-  }
-  static void store(float* p, const F& a) {
-    for (int i = 0; i < 16; ++i) p[i] = a.v[i];
+    return gen([&](int l) { return bf16_to_float(p[l]); });
   }
   static F sub(const F& a, const F& b) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] - b.v[i];
-    return r;
+    return map2(a, b, [](float x, float y) { return x - y; });
   }
   static F mul(const F& a, const F& b) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i];
-    return r;
+    return map2(a, b, [](float x, float y) { return x * y; });
   }
-  static F pow2(const F& n) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = decode_pow2(n.v[i]);
-    return r;
-  }
+  static F pow2(const F& n) { return map(n, decode_pow2); }
   static F zero_below(const F& x, float c, const F& y) {  // x < c ? 0 : y
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = x.v[i] < c ? 0.f : y.v[i];
-    return r;
+    return map2(x, y, [c](float xv, float yv) { return xv < c ? 0.f : yv; });
   }
   static F fma(const F& a, const F& b, const F& c) {
-    F r;
-    for (int i = 0; i < 16; ++i) r.v[i] = fmaf(a.v[i], b.v[i], c.v[i]);
-    return r;
+    return gen([&](int l) { return fmaf(a.v[l], b.v[l], c.v[l]); });
   }
   // (l, l + 8), (l, l + 4), (l, l + 2), (0, 1)
   static float sum_tree(const F& a) {

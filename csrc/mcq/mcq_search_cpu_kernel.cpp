@@ -5,6 +5,8 @@
 
 #include <cstring>
 
+#include "common/cpu_lanes.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -14,22 +16,10 @@ namespace fastvq {
 // ---- portable fallback: plain C++ over 8-lane arrays (auto-vectorised by the compiler) -------------
 namespace mcq_scalar {
 
-struct Vec {
-  static constexpr int L = 8;
-  struct F {
-    float v[L];
-  };
+struct Vec : PortableLanes<8> {
   struct I {
     int32_t v[L];
   };
-  static F load(const float* p) {
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = p[l];
-    return r;
-  }
-  static void store(float* p, const F& a) {
-    for (int l = 0; l < L; ++l) p[l] = a.v[l];
-  }
   static I loadi(const int32_t* p) {
     I r;
     for (int l = 0; l < L; ++l) r.v[l] = p[l];
@@ -38,21 +28,8 @@ struct Vec {
   static void storei(int32_t* p, const I& a) {
     for (int l = 0; l < L; ++l) p[l] = a.v[l];
   }
-  static F set1(float x) {
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = x;
-    return r;
-  }
   static F fma(const F& a, const F& b, const F& c) {
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
-    return r;
-  }
-  // a where a > b, else b: a NaN `a` never replaces b.
-  static F max_keep(const F& a, const F& b) {
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l];
-    return r;
+    return gen([&](int l) { return a.v[l] * b.v[l] + c.v[l]; });
   }
   // Lanes where cand > best remember tile t; best becomes cand (cand >= best by construction).
   static void update(F& best, I& tile, const F& cand, int32_t t) {

@@ -3,6 +3,7 @@
 // Every path computes each score as the same exact fma chain, so all ISAs (and the CUDA kernel) agree bitwise.
 #include "merge/merge_cpu_kernel.h"
 
+#include "common/cpu_lanes.h"
 #include "common/macros.h"
 #include "merge/merge.h"
 
@@ -14,34 +15,9 @@ namespace fastvq {
 
 // ---- portable fallback: 8-lane arrays, exact fmaf (a library call without an FMA unit: slow, exact) ----
 namespace merge_scalar {
-struct Vec {
-  static constexpr int L = 8;
-  struct F {
-    float v[L];
-  };
-  static F load(const float* p) {
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = p[l];
-    return r;
-  }
-  static void store(float* p, const F& a) {
-    for (int l = 0; l < L; ++l) p[l] = a.v[l];
-  }
-  static F set1(float x) {
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = x;
-    return r;
-  }
-  static F zero() { return set1(0.f); }
+struct Vec : PortableLanes<8> {
   static F fma(const F& a, const F& b, const F& c) {
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = __builtin_fmaf(a.v[l], b.v[l], c.v[l]);
-    return r;
-  }
-  static F max_keep(const F& a, const F& b) {  // a > b ? a : b: a NaN `a` never replaces b
-    F r;
-    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l];
-    return r;
+    return gen([&](int l) { return __builtin_fmaf(a.v[l], b.v[l], c.v[l]); });
   }
 };
 #include "merge/merge_cpu_kernel.inc"
