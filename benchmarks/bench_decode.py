@@ -7,6 +7,8 @@ over the kept entries and the token itself, then keeps the token only where it i
 
 - ``fastvq``: one ``decode_step`` per step: attention over the compacted cache and the token's own row,
   which is kept only for first occurrences (what :meth:`fastvq.nn.CompressedKVCache.attend` runs);
+- ``fastvq-ops``: the same step as three ops, ``kv_append`` (the token's row) + ``decode_attention`` +
+  ``lengths -= ~keep`` (what ``decode_step`` fuses; the same result bit for bit);
 - ``sdpa-sliced``: the same compacted cache, ``scaled_dot_product_attention`` over its slice ``[:n + 1]``
   (the best a user writes by hand; only possible when every sequence keeps the same count);
 - ``full-mask``: the uncompressed loop the issue measured: a full-length (static, 256-row) cache of every
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvq.bench import timed_row
-from fastvq.ops import decode_attention, decode_step
+from fastvq.ops import decode_attention, decode_step, kv_append
 
 if TYPE_CHECKING:
     from conftest import BenchConfig
@@ -76,6 +78,19 @@ class DecodeProblem:
             out = decode_step(self.q[t], kc, vc, lengths, self.k[t], self.v[t], self.keep_b[t])
         return out
 
+    def fastvq_ops(self) -> torch.Tensor:
+        kc = torch.empty(self.batch, self.heads, self.kept + 1, self.dim, dtype=self.dtype)
+        vc = torch.empty_like(kc)
+        lengths = torch.zeros(self.batch, dtype=torch.int32)
+        every = torch.ones(self.batch, dtype=torch.bool)
+        drop = (~self.keep_b).to(torch.int32)
+        out = None
+        for t in range(self.steps):
+            kv_append(kc, vc, lengths, self.k[t], self.v[t], every)
+            out = decode_attention(self.q[t], kc, vc, lengths)
+            lengths.sub_(drop[t])
+        return out
+
     def sdpa_sliced(self) -> torch.Tensor:
         kc = torch.empty(self.batch, self.heads, self.kept + 1, self.dim, dtype=self.dtype)
         vc = torch.empty_like(kc)
@@ -87,9 +102,10 @@ class DecodeProblem:
             n += int(self.keep_list[t])
         return out[:, :, 0]
 
-    def full_mask(self) -> torch.Tensor:
+    def full_mask(self, prefix: bool = False) -> torch.Tensor:
         """A full-length (static) cache of every position and a boolean mask over all of it: the kept
-        entries so far and the token itself (later positions are hidden too)."""
+        entries so far and the token itself (later positions are hidden too). ``prefix``: attend only the
+        filled prefix ``[:t + 1]`` of the full cache (full_prefix_mask)."""
         kc = torch.zeros(self.batch, self.heads, self.steps, self.dim, dtype=self.dtype)
         vc = torch.zeros_like(kc)
         mask = torch.zeros(self.steps, dtype=torch.bool)
@@ -98,28 +114,19 @@ class DecodeProblem:
             kc[:, :, t] = self.k[t]
             vc[:, :, t] = self.v[t]
             mask[t] = True  # the token sees itself ...
-            out = F.scaled_dot_product_attention(self.q[t][:, :, None], kc, vc, attn_mask=mask[None, None, None, :])
+            n = t + 1 if prefix else self.steps
+            out = F.scaled_dot_product_attention(self.q[t][:, :, None], kc[:, :, :n], vc[:, :, :n],
+                                                 attn_mask=mask[None, None, None, :n])
             mask[t] = self.keep_list[t]  # ... and later tokens see it only if it is kept
         return out[:, :, 0]
 
     def full_prefix_mask(self) -> torch.Tensor:
-        """Like full_mask, but attending only the prefix [:t + 1] of the full cache."""
-        kc = torch.empty(self.batch, self.heads, self.steps, self.dim, dtype=self.dtype)
-        vc = torch.empty_like(kc)
-        mask = torch.zeros(self.steps, dtype=torch.bool)
-        out = None
-        for t in range(self.steps):
-            kc[:, :, t] = self.k[t]
-            vc[:, :, t] = self.v[t]
-            mask[t] = True
-            out = F.scaled_dot_product_attention(self.q[t][:, :, None], kc[:, :, : t + 1], vc[:, :, : t + 1],
-                                                 attn_mask=mask[None, None, None, : t + 1])
-            mask[t] = self.keep_list[t]
-        return out[:, :, 0]
+        return self.full_mask(prefix=True)
 
 
 IMPLS: dict[str, Callable[[DecodeProblem], torch.Tensor]] = {
     "fastvq": DecodeProblem.fastvq,
+    "fastvq-ops": DecodeProblem.fastvq_ops,
     "sdpa-sliced": DecodeProblem.sdpa_sliced,
     "full-mask": DecodeProblem.full_mask,
     "full-prefix-mask": DecodeProblem.full_prefix_mask,
@@ -129,29 +136,24 @@ BASELINE = {"full-mask": "reference", "sdpa-sliced": "faiss"}  # the table's "vs
 
 
 
-@pytest.mark.parametrize("pruning", list(KEPT))
+# (pruning %, cache dtype): the issue's three cases, and the 44% one with a bfloat16 cache (what a model
+# decoding in bf16 keeps: half the bytes)
+LOOP_CASES = [(0, torch.float32), (44, torch.float32), (44, torch.bfloat16), (86, torch.float32)]
+
+
+@pytest.mark.parametrize(("pruning", "dtype"), LOOP_CASES, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_decode_loop(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, pruning: int) -> None:
+def test_decode_loop(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, pruning: int,
+                     dtype: torch.dtype) -> None:
     batch = bench_config.scaled(B * 16) // 16 or 1  # --fastvq-quick: 2 sequences
-    problem = DecodeProblem(KEPT[pruning], batch=batch)
+    problem = DecodeProblem(KEPT[pruning], batch=batch, dtype=dtype)
     info = {"baseline": BASELINE[impl]} if impl in BASELINE else {}
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     timed_row(benchmark, bench_config, lambda: IMPLS[impl](problem),
-        f"decode {STEPS} steps B={batch} H={H} d={D} fp32, {pruning}% pruned (256->{KEPT[pruning]})",
-        # (G only orders fastvq.bench's table: by pruning, the loop cases before the single calls)
-        op="decode_attention", impl=impl, N=batch, rows=batch * STEPS, G=-pruning,
-        bytes=problem.cache_bytes_read(impl), **info)
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_decode_loop_bf16(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str) -> None:
-    """The 44% case with a bfloat16 cache (what a model decoding in bf16 keeps): half the bytes."""
-    batch = bench_config.scaled(B * 16) // 16 or 1
-    problem = DecodeProblem(KEPT[44], batch=batch, dtype=torch.bfloat16)
-    info = {"baseline": BASELINE[impl]} if impl in BASELINE else {}
-    timed_row(benchmark, bench_config, lambda: IMPLS[impl](problem),
-        f"decode {STEPS} steps B={batch} H={H} d={D} bf16, 44% pruned (256->{KEPT[44]})",
-        op="decode_attention", impl=impl, N=batch, rows=batch * STEPS, G=-44.5,
-        bytes=problem.cache_bytes_read(impl), **info)
+        f"decode {STEPS} steps B={batch} H={H} d={D} {name}, {pruning}% pruned (256->{KEPT[pruning]})",
+        # (G only orders fastvq.bench's table: by pruning, bf16 after fp32, the loops before the single calls)
+        op="decode_attention", impl=impl, N=batch, rows=batch * STEPS,
+        G=-pruning - (0.5 if dtype == torch.bfloat16 else 0), bytes=problem.cache_bytes_read(impl), **info)
 
 
 CALL_IMPLS = ("fastvq", "sdpa-sliced")

@@ -110,7 +110,8 @@ def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
     the forced ones), the reference, faiss."""
     info = bench["extra_info"]
     return (OP_ORDER.index(info["op"]), -info["G"], info["N"], info.get("metric", ""),
-            ("fastvq", "reference", "faiss", "sdpa-sliced", "full-mask", "full-prefix-mask").index(info["impl"]),
+            ("fastvq", "fastvq-ops", "reference", "faiss", "sdpa-sliced", "full-mask",
+             "full-prefix-mask").index(info["impl"]),
             ("auto", "avx512", "avx2", "scalar").index(info.get("cpu_isa", "auto")))
 
 
