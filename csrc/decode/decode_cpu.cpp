@@ -25,6 +25,15 @@ int64_t first_length_outside(const DecodeIndex type, const void* lengths, int64_
   return -1;
 }
 
+// lengths[b] += 1 where keep[b] (after every row is written).
+void bump_kept_lengths(void* lengths, DecodeIndex type, int64_t stride, const bool* keep, int64_t keep_stride,
+                       int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (!keep[b * keep_stride]) continue;
+    decode_store_index(lengths, type, b * stride, decode_load_index(lengths, type, b * stride) + 1);
+  }
+}
+
 // Runs the attention tasks of p (one per (sequence, kv-head)) over the threads.
 void run_tasks(const DecodeAttentionParams& p) {
   if (p.B * p.Hkv == 0) return;
@@ -76,11 +85,7 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const
     TORCH_CHECK(false, op, ": lengths must be in [0, Lmax - 1] = [0, ", s.Lmax - 1, "], got ", n, " at sequence ", bad);
   }
   run_tasks(p);  // also where G == 0: the tasks write the kept rows
-  for (int64_t b = 0; b < s.B; ++b) {
-    if (!p.keep[b * p.keep_stride]) continue;
-    const int64_t i = b * p.lengths_stride;
-    decode_store_index(const_cast<void*>(p.lengths), p.lengths_type, i, decode_load_index(p.lengths, p.lengths_type, i) + 1);
-  }
+  bump_kept_lengths(lengths.data_ptr(), p.lengths_type, p.lengths_stride, p.keep, p.keep_stride, s.B);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
@@ -120,11 +125,7 @@ void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
            p.vn_stride_h, p.vn_stride_d);
     }
   });
-  for (int64_t b = 0; b < p.B; ++b) {
-    if (!p.keep[b * p.keep_stride]) continue;
-    const int64_t i = b * p.lengths_stride;
-    decode_store_index(p.lengths, p.lengths_type, i, decode_load_index(p.lengths, p.lengths_type, i) + 1);
-  }
+  bump_kept_lengths(p.lengths, p.lengths_type, p.lengths_stride, p.keep, p.keep_stride, p.B);
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
