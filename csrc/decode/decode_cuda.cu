@@ -88,6 +88,15 @@ __device__ __forceinline__ void stage_rows(float* tile, const scalar_t* base, in
   }
 }
 
+// The rows sequence b attends: its len_cache cache rows, then (decode_step) the token's own row.
+__device__ __forceinline__ int64_t attended_rows(const DecodeAttentionParams& p, int64_t b, int64_t& len_cache) {
+  len_cache = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
+  const int64_t len = len_cache + (p.k_new != nullptr ? 1 : 0);
+  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len <= p.Lmax &&
+                       "decode: lengths must be in [0, Lmax] (decode_attention), [0, Lmax - 1] (decode_step)");
+  return len;
+}
+
 // row[0, Dp) = one row (stride_d) as fp32, zero past D: decode_step's own key or value.
 template <typename scalar_t>
 __device__ __forceinline__ void stage_self(float* row, const scalar_t* src, int64_t stride_d, int64_t D, int64_t Dp) {
@@ -101,11 +110,8 @@ __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const Decod
   float* tile = smem;         // [C, Dp] the chunk's keys, then its values
   float* sc = smem + C * Dp;  // [G, C] scores, then probabilities
   const int64_t bh = blockIdx.x, c = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
-  // decode_step: the token's own row (k_new / v_new) follows the cache's len_cache rows
-  const int64_t len_cache = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  const int64_t len = len_cache + (p.k_new != nullptr ? 1 : 0);
-  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len <= p.Lmax &&
-                       "decode: lengths must be in [0, Lmax] (decode_attention), [0, Lmax - 1] (decode_step)");
+  int64_t len_cache;
+  const int64_t len = attended_rows(p, b, len_cache);
   const int64_t t0 = c * C;
   if (t0 >= len) return;  // uniform over the block
   const int nt = static_cast<int>(len - t0 < C ? len - t0 : C);
@@ -184,10 +190,8 @@ __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const Decod
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeAttentionParams p) {
   const int64_t bq = blockIdx.x, b = bq / p.Hq, hq = bq % p.Hq, h = hq / p.G, g = hq % p.G, bh = b * p.Hkv + h;
-  const int64_t len_cache = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  const int64_t len = len_cache + (p.k_new != nullptr ? 1 : 0);
-  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len <= p.Lmax &&
-                       "decode: lengths must be in [0, Lmax] (decode_attention), [0, Lmax - 1] (decode_step)");
+  int64_t len_cache;
+  const int64_t len = attended_rows(p, b, len_cache);
   const int64_t chunks = (len + kDecodeChunk - 1) / kDecodeChunk;
   scalar_t* out = static_cast<scalar_t*>(p.out) + bq * p.D;
   const float* ml = p.part_ml + (bh * p.num_chunks * p.G + g) * 2;  // chunk c at + c * G * 2
