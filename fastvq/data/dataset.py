@@ -167,8 +167,8 @@ def load_dataset(name: str = DEFAULT_DATASET, split: str = "train", *, channels:
 def load_folder(root, split: str = "train", *, image_size: int | None = None, channels: int | None = 3,
                 captions_file: str = "captions.jsonl", rebuild: bool = False) -> ImageCaptionDataset:
     """A user folder of images with ``captions.jsonl`` (see :func:`fastvq.data.sources.build_folder`)."""
-    return load_dataset("folder", split, channels=channels, rebuild=rebuild, root=str(root),
-                        image_size=image_size, captions_file=captions_file)
+    arrays = load_arrays("folder", rebuild=rebuild, root=str(root), image_size=image_size, captions_file=captions_file)
+    return ImageCaptionDataset(arrays, "folder", split, channels)
 
 
 # ---- loading under torch.distributed ------------------------------------------------------------------

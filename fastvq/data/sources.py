@@ -174,26 +174,29 @@ def build_emoji(resolution: int = 64, limit: int | None = None) -> Raw:
 # ---- Tux Paint stamps ---------------------------------------------------------------------------------
 
 TUXPAINT_SYSTEM_DIR = Path("/usr/share/tuxpaint/stamps")
-TUXPAINT_INSTALL = ("cd /tmp && apt-get download tuxpaint-stamps-default && dpkg-deb --fsys-tarfile "
-                    "tuxpaint-stamps-default_*.deb | tar -x -C \"${FASTVQ_CACHE:-$HOME/.cache/fastvq}/sources\" "
+TUXPAINT_EXTRACTED = Path("/usr/local/share/fastvq/sources/usr/share/tuxpaint/stamps")
+TUXPAINT_INSTALL = ("cd /tmp && apt-get download tuxpaint-stamps-default && mkdir -p /usr/local/share/fastvq/sources && "
+                    "dpkg-deb --fsys-tarfile tuxpaint-stamps-default_*.deb | tar -x -C /usr/local/share/fastvq/sources "
                     "--wildcards '*.png' '*.svg' '*.txt'")
 
 
 def tuxpaint_dir() -> Path:
-    """Where the stamps are: ``$FASTVQ_TUXPAINT_DIR``, the system package's folder, or the png/svg/txt
-    files that scripts/install.sh extracts from the .deb into ``<cache>/sources`` (skipping ~7,800 sounds)."""
-    for p in (os.environ.get("FASTVQ_TUXPAINT_DIR"), TUXPAINT_SYSTEM_DIR,
+    """Where the stamps are: ``$FASTVQ_TUXPAINT_DIR``, the system package's folder (apt-get install), or
+    the png/svg/txt files that scripts/install.sh extracts from the .deb (skipping ~7,800 sound files)
+    into /usr/local/share/fastvq/sources (as root) or ``<cache>/sources``."""
+    for p in (os.environ.get("FASTVQ_TUXPAINT_DIR"), TUXPAINT_SYSTEM_DIR, TUXPAINT_EXTRACTED,
               cache_dir() / "sources" / "usr/share/tuxpaint/stamps"):
         if p and Path(p).is_dir():
             return Path(p)
-    return require_path(cache_dir() / "sources" / "usr/share/tuxpaint/stamps", "tuxpaint-stamps-default",
-                        "fastvq.data.load_dataset('tuxpaint')", TUXPAINT_INSTALL)
+    return require_path(TUXPAINT_EXTRACTED, "tuxpaint-stamps-default", "fastvq.data.load_dataset('tuxpaint')",
+                        TUXPAINT_INSTALL)
 
 
-def build_tuxpaint(resolution: int = 64, root: str | Path | None = None) -> Raw:
+def build_tuxpaint(resolution: int = 64, root: str | Path | None = None, limit: int | None = None) -> Raw:
     """Tux Paint's default stamps (GPL-2; about half are photographs): every png (or svg, rendered with
     cairosvg, when no png exists) that has a .txt, whose first line is the English caption
-    ("A blackbird."). Label = the top-level category folder (16). Splits: sha1 of the relative path."""
+    ("A blackbird."). Label = the top-level category folder (16). Splits: sha1 of the relative path.
+    ``limit``: only that many stamps (the smallest sha1 of their path; a fixed subset for tests)."""
     who = "fastvq.data.load_dataset('tuxpaint')"
     root = Path(root) if root else tuxpaint_dir()
     _pil(who)
@@ -208,6 +211,8 @@ def build_tuxpaint(resolution: int = 64, root: str | Path | None = None) -> Raw:
     if not items:
         raise FileNotFoundError(f"{who}: no stamp with a caption (.png/.svg + .txt) under {root}")
     classes = sorted({p.relative_to(root).parts[0] for p, _ in items})
+    if limit is not None:  # a fixed subset: the stamps with the smallest sha1 of their relative path
+        items = sorted(items, key=lambda it: unit_hash(str(it[0].relative_to(root))))[:limit]
     images, captions, labels, keys = [], [], [], []
     for p, txt in progress(items, len(items), "tuxpaint"):
         first = txt.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -228,7 +233,7 @@ def build_tuxpaint(resolution: int = 64, root: str | Path | None = None) -> Raw:
         labels.append(classes.index(rel.parts[0]))
         keys.append(str(rel))
     return Raw(np.stack(images), captions, np.array(labels, np.int64), keys, hash_splits(keys), classes,
-               dict(source="Debian tuxpaint-stamps-default", license="GPL-2", resolution=resolution))
+               dict(source="Debian tuxpaint-stamps-default", license="GPL-2", resolution=resolution, limit=limit))
 
 
 # ---- OpenClipArt --------------------------------------------------------------------------------------
