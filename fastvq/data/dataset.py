@@ -39,7 +39,7 @@ def _validate(z: dict, name: str) -> None:
         raise ValueError("captions and keys must be str arrays")
     if z["splits"].size and (z["splits"].min() < 0 or z["splits"].max() > 2):
         raise ValueError("splits must be 0, 1 or 2")
-    if z["labels"].size and z["labels"].max() >= max(1, len(z["class_names"])) and len(z["class_names"]):
+    if len(z["class_names"]) and z["labels"].size and z["labels"].max() >= len(z["class_names"]):
         raise ValueError("labels exceed class_names")
     meta = json.loads(str(z["meta"]))
     if meta.get("name") != name or meta.get("format") != FORMAT_VERSION:
@@ -51,6 +51,8 @@ def load_arrays(name: str, *, rebuild: bool = False, **options) -> dict:
     file that cannot be read or fails validation is rebuilt, not trusted (with a warning)."""
     who = f"fastvq.data.load_dataset({name!r})"
     if name == "folder":
+        if not options.get("root"):
+            raise ValueError("fastvq.data.load_dataset('folder'): root must name the folder, got none")
         root = Path(options["root"]).resolve()
         cap = root / options.get("captions_file", "captions.jsonl")
         stat = cap.stat() if cap.is_file() else None

@@ -147,7 +147,8 @@ def kid_from_features(real, fake, n_subsets: int = 100, subset_size: int = 1000,
                       split: str | None = None, settings: dict | None = None) -> MetricResult:
     """KID (Bińkowski et al. 2018): the unbiased estimator of MMD² with the kernel k(a, b) = (a·b/C + 1)³,
     averaged over ``n_subsets`` random subsets of m = min(subset_size, N_real, N_fake) items drawn without
-    replacement from each side (numpy Generator(seed)); ``details`` has the std over subsets. Per subset:
+    replacement from each side (numpy Generator(seed)); ``details`` has the std over subsets (one subset
+    when m equals both set sizes: every subset is then the whole sets). Per subset:
     MMD²_u = Σ_{i≠j} k(x_i,x_j)/(m(m−1)) + Σ_{i≠j} k(y_i,y_j)/(m(m−1)) − 2·Σ_{i,j} k(x_i,y_j)/m²."""
     r = torch.as_tensor(np.asarray(real, np.float64))
     f = torch.as_tensor(np.asarray(fake, np.float64))
@@ -159,7 +160,8 @@ def kid_from_features(real, fake, n_subsets: int = 100, subset_size: int = 1000,
     d = r.shape[1]
     rng = np.random.default_rng(seed)
     vals = []
-    for _ in range(n_subsets):
+    # when every subset is a whole set on both sides, all subsets give the same value: compute it once
+    for _ in range(1 if m == len(r) == len(f) else n_subsets):
         x = r[torch.from_numpy(rng.choice(len(r), m, replace=False))]
         y = f[torch.from_numpy(rng.choice(len(f), m, replace=False))]
         kxx, kyy, kxy = _poly_kernel(x, x, d), _poly_kernel(y, y, d), _poly_kernel(x, y, d)
@@ -168,7 +170,7 @@ def kid_from_features(real, fake, n_subsets: int = 100, subset_size: int = 1000,
         vals.append(float(mmd))
     vals = np.array(vals)
     return MetricResult("kid", float(vals.mean()), min(len(r), len(f)), split,
-                        dict(settings or {}, n_subsets=n_subsets, subset_size=m, seed=seed, kernel="(a.b/C + 1)^3",
+                        dict(settings or {}, n_subsets=len(vals), subset_size=m, seed=seed, kernel="(a.b/C + 1)^3",
                              estimator="unbiased MMD^2", n_real=len(r), n_fake=len(f)),
                         dict(std=float(vals.std())))
 
