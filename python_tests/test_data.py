@@ -199,3 +199,11 @@ def test_hash_splits_stable():
     assert np.array_equal(s[:100], sources.hash_splits(keys[:100]))  # independent of the other items
     frac = np.bincount(s, minlength=3) / len(s)
     assert abs(frac[0] - 0.8) < 0.04 and abs(frac[1] - 0.1) < 0.03
+
+
+def test_kernel_layer_does_not_import_data_or_eval():
+    import subprocess
+    import sys
+    code = ("import sys, fastvq; bad = [m for m in ('fastvq.data', 'fastvq.eval', 'PIL', 'sklearn', 'transformers', 'timm') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))

@@ -83,6 +83,12 @@ def test_fid_against_scipy_float64():
     assert r.value == pytest.approx(_fid_scipy(a, b), rel=1e-9)
     assert r.n == 350 and r.settings["n_real"] == 400
     assert abs(ev.fid_from_features(a, a).value) < 1e-8
+    # the sample-space path (used when N < C) equals the covariance path and scipy
+    assert ev.metrics.frechet_distance_from_features(a, b) == pytest.approx(_fid_scipy(a, b), rel=1e-9)
+    s, t = a[:30] @ rng.normal(size=(48, 64)), b[:25] @ rng.normal(size=(48, 64))  # N < C: rank-deficient
+    few = ev.fid_from_features(s, t).value
+    assert few == pytest.approx(ev.frechet_distance(*ev.feature_stats(s), *ev.feature_stats(t)), rel=1e-7)
+    assert few == pytest.approx(_fid_scipy(s, t), rel=1e-6)
     with pytest.raises(ValueError, match="feature_stats: features must be"):
         ev.fid_from_features(a[:1], b)
 

@@ -130,12 +130,35 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
 
 
+def frechet_distance_from_features(real, fake) -> float:
+    """The Fréchet distance of the Gaussian fits of two feature sets [N1, C], [N2, C], computed in the
+    sample space: with A_i the centred features, Σ_i = A_iᵀA_i / (N_i − 1), the non-zero eigenvalues of
+    Σ1Σ2 are the squared singular values of M = A1 A2ᵀ / sqrt((N1 − 1)(N2 − 1)), so tr((Σ1Σ2)^{1/2}) =
+    ‖M‖_* (the sum of its singular values): an [N1, N2] SVD instead of [C, C] eigendecompositions,
+    exact, and much cheaper when N < C (e.g. 500 images of 2048-d Inception features)."""
+    a1 = torch.as_tensor(np.asarray(real, np.float64))
+    a2 = torch.as_tensor(np.asarray(fake, np.float64))
+    if a1.ndim != 2 or a2.ndim != 2 or a1.shape[1] != a2.shape[1] or min(len(a1), len(a2)) < 2:
+        raise ValueError(f"fastvq.eval.feature_stats: features must be [N, C] with N >= 2 and one C, got "
+                         f"{tuple(a1.shape)} and {tuple(a2.shape)}")
+    mu1, mu2 = a1.mean(0), a2.mean(0)
+    c1, c2 = a1 - mu1, a2 - mu2
+    n1, n2 = len(a1) - 1, len(a2) - 1
+    tr1, tr2 = c1.pow(2).sum() / n1, c2.pow(2).sum() / n2
+    tr_covmean = torch.linalg.svdvals(c1 @ c2.T).sum() / math.sqrt(n1 * n2)
+    return float((mu1 - mu2).pow(2).sum() + tr1 + tr2 - 2 * tr_covmean)
+
+
 def fid_from_features(real, fake, split: str | None = None, settings: dict | None = None) -> MetricResult:
-    """FID between two sets of features [N, C] (the Fréchet distance of their Gaussian fits). With
+    """FID between two sets of features [N, C] (the Fréchet distance of their Gaussian fits; when
+    min(N) < C through :func:`frechet_distance_from_features`, else :func:`frechet_distance`). With
     few samples (N < C) the covariances are rank-deficient and FID is biased upward: compare only
     numbers with the same N (recorded)."""
     r, f = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    d = frechet_distance(*feature_stats(r), *feature_stats(f))
+    if r.ndim == 2 and f.ndim == 2 and min(len(r), len(f)) < r.shape[1]:
+        d = frechet_distance_from_features(r, f)
+    else:
+        d = frechet_distance(*feature_stats(r), *feature_stats(f))
     return MetricResult("fid", d, min(len(r), len(f)), split, dict(settings or {}, n_real=len(r), n_fake=len(f)))
 
 
