@@ -1,7 +1,6 @@
 """fastvq.data: sources, cache (incl. corrupt files), splits, the distributed loader, bad input."""
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest

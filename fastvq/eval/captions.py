@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 

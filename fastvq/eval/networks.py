@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvq.data._util import MissingDependencyError, cache_dir, load_npz, package_file, require_module, save_npz, stable_hash
+from fastvq.data._util import cache_dir, load_npz, package_file, require_module, save_npz, stable_hash
 
 
 @dataclass
