@@ -19,8 +19,11 @@ if [ "${FASTVQ_DATA:-0}" = "1" ]; then
   debs="dataset-fashion-mnist fonts-noto-color-emoji libraqm0 openclipart-svg"
   stamps=/usr/local/share/fastvq/sources
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $debs > /dev/null
+    # shellcheck disable=SC2086
+    if ! dpkg -s $debs > /dev/null 2>&1; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $debs > /dev/null
+    fi
     if [ ! -d "$stamps/usr/share/tuxpaint/stamps" ]; then
       # only the png/svg/txt files of tuxpaint-stamps-default: its ~7,800 sound files are not needed
       tmp="$(mktemp -d)" && chmod 755 "$tmp"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full test suite:
-#   1. install + build: the extension and the CUDA emulation builds (plain and ASan+UBSan)
+#   1. install + build: the extension and the CUDA emulation builds (plain and ASan+UBSan), and the
+#      data/eval packages (FASTVQ_DATA=1 unless set to 0)
 #   2. native tests of the torch-free cores and the emulation layer (CMake/ctest): plain, ASan+UBSan,
 #      and the emulator's OS-thread mode under TSan
 #   3. strict compile of every .cu for sm_80/sm_90 + the kernel resource report check (where nvcc exists)
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 JOBS="${MAX_JOBS:-2}"
 export FASTVQ_EMU="${FASTVQ_EMU:-1}" FASTVQ_EMU_ASAN="${FASTVQ_EMU_ASAN:-1}"
+export FASTVQ_DATA="${FASTVQ_DATA:-1}"   # the data/eval packages too (fastvq.data, fastvq.eval tests)
 step() { echo; echo "=== $* ==="; }
 
 step "install and build"
