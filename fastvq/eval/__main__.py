@@ -21,6 +21,13 @@ def _cpu() -> str:
     return platform.processor()
 
 
+def _load() -> float:
+    try:
+        return float(open("/proc/loadavg").read().split()[0])
+    except OSError:
+        return float("nan")
+
+
 def costs(batch: int, repeats: int) -> list:
     from fastvq.eval import EfficientNetLite0, FIDInceptionV3, MiniLMTextEncoder
     rows = []
@@ -31,14 +38,18 @@ def costs(batch: int, repeats: int) -> list:
             t0 = time.perf_counter()
             net(x)
             first = time.perf_counter() - t0
-            ts = []
+            ts, cpu = [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 net(x)
                 ts.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
         ts.sort()
+        cpu.sort()
         rows.append(dict(network=net.name, batch=batch, first_call_s=round(first, 2),
-                         ms_per_item_median=round(1000 * ts[len(ts) // 2] / batch, 1)))
+                         ms_per_item_median=round(1000 * ts[len(ts) // 2] / batch, 1),
+                         cpu_ms_per_item_median=round(1000 * cpu[len(cpu) // 2] / batch, 1),
+                         load_average=round(_load(), 1)))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -65,9 +76,10 @@ def main(argv=None):
         def recon(x):
             return (x + a.sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
         for label in ("first", "second"):
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             out = ev.evaluate(recon)
             print(json.dumps(dict(run=label, seconds=round(time.perf_counter() - t1, 1),
+                                  cpu_seconds=round(time.process_time() - c1, 1), load_average=round(_load(), 1),
                                   total_since_start=round(time.perf_counter() - t0, 1),
                                   **{k: round(v.value, 4) for k, v in out.items()}, n=out["rfid"].n)), flush=True)
 
