@@ -13,11 +13,11 @@ from fastvq.eval.networks import FIDInceptionV3, extract_features
 # The rFID/KID of the tests and the main job: N images of fashion_mnist/val, reference features cached.
 # N = 500 keeps a cold run (reference + reconstructions through Inception) near 2 minutes on 2 Zen 3
 # cores; with the reference cached, about half that (docs/eval.md has the measured costs).
-DEFAULT_N = 500
+DEFAULT_N = 250
 
 
 class ReconstructionEvaluator:
-    """``ReconstructionEvaluator("fashion_mnist", "val", n=500).evaluate(reconstruct)`` runs
+    """``ReconstructionEvaluator("fashion_mnist", "val", n=250).evaluate(reconstruct)`` runs
     ``reconstruct(images [B, 3, H, W] in [0, 1]) → [B, 3, H, W]`` over a fixed list of ``n`` images
     (``dataset.fixed_subset(n, seed)``, recorded in every result as global indices and their hash) and
     returns {"psnr", "ssim", "rfid", "kid"} MetricResults. rFID is the FID between the Inception features
