@@ -10,9 +10,9 @@ import torch
 from fastvq.eval.metrics import MetricResult, fid_from_features, kid_from_features, psnr_per_image, ssim_per_image
 from fastvq.eval.networks import FIDInceptionV3, extract_features
 
-# The rFID/KID of the tests and the main job: N images of fashion_mnist/val, reference features cached.
-# N = 500 keeps a cold run (reference + reconstructions through Inception) near 2 minutes on 2 Zen 3
-# cores; with the reference cached, about half that (docs/eval.md has the measured costs).
+# The rFID/KID of the main job: N images of fashion_mnist/val, reference features cached. The Inception
+# network dominates: N forwards per evaluation once the reference is cached (2N the first time). N = 250
+# keeps an evaluation within 2 minutes on 2 cores up to ~0.45 s per image (docs/eval.md: measured costs).
 DEFAULT_N = 250
 
 
