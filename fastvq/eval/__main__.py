@@ -1,5 +1,5 @@
 """``python -m fastvq.eval costs``: per-image cost of each frozen network on this machine.
-``python -m fastvq.eval rfid [--n 250]``: the main job's rFID/KID (fashion_mnist/val, fixed list) of a
+``python -m fastvq.eval rfid [--n 200]``: the main job's rFID/KID (fashion_mnist/val, fixed list) of a
 noisy "reconstruction", timed cold (reference features computed) and warm (reference cached)."""
 from __future__ import annotations
 

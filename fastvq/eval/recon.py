@@ -11,13 +11,13 @@ from fastvq.eval.metrics import MetricResult, fid_from_features, kid_from_featur
 from fastvq.eval.networks import FIDInceptionV3, extract_features
 
 # The rFID/KID of the main job: N images of fashion_mnist/val, reference features cached. The Inception
-# network dominates: N forwards per evaluation once the reference is cached (2N the first time). N = 250
-# keeps an evaluation within 2 minutes on 2 cores up to ~0.45 s per image (docs/eval.md: measured costs).
-DEFAULT_N = 250
+# network dominates: N forwards per evaluation once the reference is cached (2N the first time). N = 200
+# keeps an evaluation within 2 minutes on 2 cores up to 0.6 s per image (docs/eval.md: measured costs).
+DEFAULT_N = 200
 
 
 class ReconstructionEvaluator:
-    """``ReconstructionEvaluator("fashion_mnist", "val", n=250).evaluate(reconstruct)`` runs
+    """``ReconstructionEvaluator("fashion_mnist", "val", n=200).evaluate(reconstruct)`` runs
     ``reconstruct(images [B, 3, H, W] in [0, 1]) → [B, 3, H, W]`` over a fixed list of ``n`` images
     (``dataset.fixed_subset(n, seed)``, recorded in every result as global indices and their hash) and
     returns {"psnr", "ssim", "rfid", "kid"} MetricResults. rFID is the FID between the Inception features
