@@ -27,27 +27,29 @@ inline int64_t load_index(const SegmentSumParams& p, int64_t n, int64_t g) {
 }
 
 // Stable counting sort; returns the first out-of-range element id, or -1. Fills offsets [S + 1] and order.
+// Chunks are ranges of rows (all G groups of a row in one chunk), walked without divisions.
 template <typename index_t>
 int64_t segment_sort_cpu(const SegmentSumParams& p, std::vector<int64_t>& offsets, std::vector<int64_t>& order) {
   const int64_t M = p.N * p.G, S = p.G * p.K;
   // Chunks: one per thread for large inputs; C * S histogram slots stay O(M + S).
   int64_t C = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, M / 32768));
-  C = std::max<int64_t>(1, std::min<int64_t>(C, (4 * M) / std::max<int64_t>(S, 1)));
+  C = std::max<int64_t>(1, std::min<int64_t>({C, (4 * M) / std::max<int64_t>(S, 1), p.N}));
   std::vector<int64_t> slots(static_cast<size_t>(C * S), 0);  // [C, S]
   std::vector<int64_t> first_bad(static_cast<size_t>(C), -1);
-  auto chunk_begin = [&](int64_t c) { return M / C * c + std::min(c, M % C); };
+  auto chunk_begin = [&](int64_t c) { return p.N / C * c + std::min(c, p.N % C); };  // in rows
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* h = slots.data() + c * S;
-      for (int64_t e = chunk_begin(c), end = chunk_begin(c + 1); e < end; ++e) {
-        const int64_t n = e / p.G, g = e - n * p.G;
-        const int64_t k = load_index<index_t>(p, n, g);
-        if (k == -1) continue;
-        if (k < -1 || k >= p.K) {
-          first_bad[c] = e;
-          break;
+      for (int64_t n = chunk_begin(c), end = chunk_begin(c + 1); n < end && first_bad[c] < 0; ++n) {
+        for (int64_t g = 0; g < p.G; ++g) {
+          const int64_t k = load_index<index_t>(p, n, g);
+          if (k == -1) continue;
+          if (k < -1 || k >= p.K) {
+            first_bad[c] = n * p.G + g;
+            break;
+          }
+          ++h[g * p.K + k];
         }
-        ++h[g * p.K + k];
       }
     }
   });
@@ -69,14 +71,34 @@ int64_t segment_sort_cpu(const SegmentSumParams& p, std::vector<int64_t>& offset
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* next = slots.data() + c * S;
-      for (int64_t e = chunk_begin(c), end = chunk_begin(c + 1); e < end; ++e) {
-        const int64_t n = e / p.G, g = e - n * p.G;
-        const int64_t k = load_index<index_t>(p, n, g);
-        if (k >= 0) order[next[g * p.K + k]++] = n;  // the row id: the segment implies g
+      for (int64_t n = chunk_begin(c), end = chunk_begin(c + 1); n < end; ++n) {
+        for (int64_t g = 0; g < p.G; ++g) {
+          const int64_t k = load_index<index_t>(p, n, g);
+          if (k >= 0) order[next[g * p.K + k]++] = n;  // the row id: the segment implies g
+        }
       }
     }
   });
   return -1;
+}
+
+// Columns [0, D) of one segment from its rows' contiguous values: a compile-time width keeps the row's
+// accumulators in registers (d = 8 is the codebook width of UniTok and LlamaGen).
+template <int D, typename scalar_t, typename acc_t, bool kWeighted>
+FASTVQ_ALWAYS_INLINE void segment_sum_fixed(const SegmentSumParams& p, int64_t s, int64_t g, acc_t* out,
+                                            acc_t& count) {
+  const scalar_t* values = static_cast<const scalar_t*>(p.values);
+  const acc_t* weight = static_cast<const acc_t*>(p.weight);
+  acc_t acc[D];
+  for (int j = 0; j < D; ++j) acc[j] = acc_t(0);
+  for (int64_t r = p.offsets[s], end = p.offsets[s + 1]; r < end; ++r) {
+    const int64_t n = p.order[r];
+    const scalar_t* FASTVQ_RESTRICT v = values + n * p.v_stride_n + g * p.v_stride_g;
+    const acc_t w = kWeighted ? weight[n * p.w_stride_n + g * p.w_stride_g] : acc_t(1);
+    if constexpr (kWeighted) count = count + w;
+    for (int j = 0; j < D; ++j) acc[j] = segment_add<kWeighted>(acc[j], static_cast<acc_t>(v[j]), w);
+  }
+  for (int j = 0; j < D; ++j) out[j] = acc[j];
 }
 
 // Segments [s0, s1): sums[s, :] and counts[s].
@@ -87,23 +109,32 @@ void segment_sum_cpu_segments(const SegmentSumParams& p, int64_t s0, int64_t s1)
   acc_t* sums = static_cast<acc_t*>(p.sums);
   acc_t* counts = static_cast<acc_t*>(p.counts);
   const int64_t d = p.d, sd = p.v_stride_d;
+  int64_t g = s0 / p.K, k = s0 - g * p.K;
   for (int64_t s = s0; s < s1; ++s) {
-    const int64_t g = s / p.K;
     acc_t* FASTVQ_RESTRICT out = sums + s * d;
-    for (int64_t j = 0; j < d; ++j) out[j] = acc_t(0);
     acc_t count = acc_t(0);
-    for (int64_t r = p.offsets[s], end = p.offsets[s + 1]; r < end; ++r) {
-      const int64_t n = p.order[r];
-      const scalar_t* FASTVQ_RESTRICT v = values + n * p.v_stride_n + g * p.v_stride_g;
-      const acc_t w = kWeighted ? weight[n * p.w_stride_n + g * p.w_stride_g] : acc_t(1);
-      if constexpr (kWeighted) count = count + w;
-      if (sd == 1) {
-        for (int64_t j = 0; j < d; ++j) out[j] = segment_add<kWeighted>(out[j], static_cast<acc_t>(v[j]), w);
-      } else {
-        for (int64_t j = 0; j < d; ++j) out[j] = segment_add<kWeighted>(out[j], static_cast<acc_t>(v[j * sd]), w);
+    if (sd == 1 && d == 8) {
+      segment_sum_fixed<8, scalar_t, acc_t, kWeighted>(p, s, g, out, count);
+    } else if (sd == 1 && d == 16) {
+      segment_sum_fixed<16, scalar_t, acc_t, kWeighted>(p, s, g, out, count);
+    } else if (sd == 1 && d == 4) {
+      segment_sum_fixed<4, scalar_t, acc_t, kWeighted>(p, s, g, out, count);
+    } else {
+      for (int64_t j = 0; j < d; ++j) out[j] = acc_t(0);
+      for (int64_t r = p.offsets[s], end = p.offsets[s + 1]; r < end; ++r) {
+        const int64_t n = p.order[r];
+        const scalar_t* FASTVQ_RESTRICT v = values + n * p.v_stride_n + g * p.v_stride_g;
+        const acc_t w = kWeighted ? weight[n * p.w_stride_n + g * p.w_stride_g] : acc_t(1);
+        if constexpr (kWeighted) count = count + w;
+        if (sd == 1) {
+          for (int64_t j = 0; j < d; ++j) out[j] = segment_add<kWeighted>(out[j], static_cast<acc_t>(v[j]), w);
+        } else {
+          for (int64_t j = 0; j < d; ++j) out[j] = segment_add<kWeighted>(out[j], static_cast<acc_t>(v[j * sd]), w);
+        }
       }
     }
     counts[s] = kWeighted ? count : static_cast<acc_t>(p.offsets[s + 1] - p.offsets[s]);
+    if (++k == p.K) k = 0, ++g;
   }
 }
 
