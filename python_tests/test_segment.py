@@ -74,11 +74,11 @@ def test_matches_reference(shape, dtype, weighted):
         assert torch.equal(counts, ref_counts)
 
 
-@pytest.mark.parametrize("shape", [(50, None, 7, 9), (40, 3, 5, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(50, None, 7, 9), (40, 3, 5, 4), (30, 2, 3, 8), (20, None, 4, 300)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_bitwise_sequential_order(shape, dtype, weighted):
-    """The summation order is the documented one: bit for bit."""
+def test_bitwise_sequential_order(cpu_isa, shape, dtype, weighted):
+    """The summation order is the documented one: bit for bit, on every CPU vector path."""
     values, index, weight = make(*shape, dtype, weighted=weighted)
     sums, counts = segment_sum(values, index, shape[2], weight)
     want_sums, want_counts = sequential_ref(values, index, shape[2], weight)

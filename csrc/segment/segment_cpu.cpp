@@ -16,6 +16,7 @@
 #include <atomic>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "segment/segment_host.h"
 
 namespace fastvq {
@@ -101,6 +102,18 @@ FASTVQ_ALWAYS_INLINE void segment_sum_fixed(const SegmentSumParams& p, int64_t s
   for (int j = 0; j < D; ++j) out[j] = acc[j];
 }
 
+// out[j] = out[j] + v[j] (kWeighted: out[j] + w * v[j]) over one contiguous fp32 row, in 256-bit lanes where
+// the CPU has AVX2. Each element is the same two roundings either way (host code is built with
+// -ffp-contract=off, so no fma is formed): lanes only change which elements share an instruction.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTVQ_SEGMENT_AVX2 1
+template <bool kWeighted>
+__attribute__((target("avx2"))) void segment_row_avx2(float* FASTVQ_RESTRICT out, const float* FASTVQ_RESTRICT v,
+                                                       float w, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) out[j] = kWeighted ? out[j] + w * v[j] : out[j] + v[j];
+}
+#endif
+
 // Segments [s0, s1): sums[s, :] and counts[s].
 template <typename scalar_t, typename acc_t, bool kWeighted>
 void segment_sum_cpu_segments(const SegmentSumParams& p, int64_t s0, int64_t s1) {
@@ -109,6 +122,7 @@ void segment_sum_cpu_segments(const SegmentSumParams& p, int64_t s0, int64_t s1)
   acc_t* sums = static_cast<acc_t*>(p.sums);
   acc_t* counts = static_cast<acc_t*>(p.counts);
   const int64_t d = p.d, sd = p.v_stride_d;
+  [[maybe_unused]] const bool avx2 = cpu_isa_active() != CpuIsa::kScalar;
   int64_t g = s0 / p.K, k = s0 - g * p.K;
   for (int64_t s = s0; s < s1; ++s) {
     acc_t* FASTVQ_RESTRICT out = sums + s * d;
@@ -127,6 +141,14 @@ void segment_sum_cpu_segments(const SegmentSumParams& p, int64_t s0, int64_t s1)
         const acc_t w = kWeighted ? weight[n * p.w_stride_n + g * p.w_stride_g] : acc_t(1);
         if constexpr (kWeighted) count = count + w;
         if (sd == 1) {
+#if defined(FASTVQ_SEGMENT_AVX2)
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (avx2) {
+              segment_row_avx2<kWeighted>(out, v, w, d);
+              continue;
+            }
+          }
+#endif
           for (int64_t j = 0; j < d; ++j) out[j] = segment_add<kWeighted>(out[j], static_cast<acc_t>(v[j]), w);
         } else {
           for (int64_t j = 0; j < d; ++j) out[j] = segment_add<kWeighted>(out[j], static_cast<acc_t>(v[j * sd]), w);
