@@ -28,4 +28,7 @@
   X("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, Tensor k_new, "           \
     "Tensor v_new, Tensor keep) -> ()")                                                              \
   X("decode_step(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "             \
-    "Tensor k_new, Tensor v_new, Tensor keep, float? scale=None, Tensor? bias=None) -> Tensor")
+    "Tensor k_new, Tensor v_new, Tensor keep, float? scale=None, Tensor? bias=None) -> Tensor")      \
+  /* Deterministic segmented sums (EMA codebooks, k-means, mcq_gather's backward). docs/ops/segment.md */\
+  X("segment_sum(Tensor values, Tensor index, int num_segments, Tensor? weight=None) -> "            \
+    "(Tensor sums, Tensor counts)")

@@ -102,7 +102,7 @@ def format_speedup(per_row: float, baseline: float | None) -> str:
 
 
 OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize", "lfq_codes_from_ids", "bipartite_merge",
-            "decode_attention")
+            "decode_attention", "segment_sum", "kmeans")
 
 
 def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
@@ -111,7 +111,7 @@ def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
     info = bench["extra_info"]
     return (OP_ORDER.index(info["op"]), -info["G"], info["N"], info.get("metric", ""),
             ("fastvq", "fastvq-ops", "reference", "faiss", "sdpa-sliced", "full-mask",
-             "full-prefix-mask").index(info["impl"]),
+             "full-prefix-mask", "scatter_reduce", "sort+segment_reduce").index(info["impl"]),
             ("auto", "avx512", "avx2", "scalar").index(info.get("cpu_isa", "auto")))
 
 
@@ -183,7 +183,9 @@ TABLE_NOTES = ("rows: rows of z timed (the reference times the first rows of the
                "speed-ups compare rows/s.\n% ceiling: search GFLOP/s (2*rows*G*K*d / median) "
                "over the fp32 matmul GFLOP/s above; GB/s rows: over the copy bandwidth above.\npeak mem: peak resident memory of one call "
                "(lfq_entropy, merge: forward + backward) above what was resident before it, in a fresh process.\ndecode_attention: rows = tokens decoded; "
-               "vs ref = vs the full-cache + mask loop (full-mask), vs faiss = vs SDPA over the sliced cache.")
+               "vs ref = vs the full-cache + mask loop (full-mask), vs faiss = vs SDPA over the sliced cache.\n"
+               "segment_sum: vs ref = vs index_add_ + bincount; GB/s of the minimal traffic (values + index read, "
+               "sums + counts written).\nkmeans: rows = points clustered, vs faiss = vs faiss.Kmeans (same iterations).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,3 +121,61 @@ def test_bad_schedule_names():
         emu.set_schedule("backwards")
     with pytest.raises(RuntimeError, match="mode must be fibers or threads"):
         emu.set_mode("gpu")
+
+
+# ---- segment_sum ---------------------------------------------------------------------------------------
+
+# (N, G, K, d): several blocks of 256 (segment, column) threads, d = 0, K = 1, G > 1, empty
+SEGMENT_SHAPES = [(0, None, 3, 4), (1, None, 1, 1), (40, None, 7, 9), (300, None, 64, 33), (70, 3, 5, 0),
+                  (65, 8, 9, 8), (200, 2, 1, 70)]
+
+
+def _segment_inputs(N, G, K, d, dtype, index_dtype, weighted):
+    from test_segment import make
+    values, index, weight = make(N, G, K, d, dtype, index_dtype, skip=0.2, weighted=weighted)
+    if weight is not None:
+        weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return values, index, weight
+
+
+@pytest.mark.parametrize("shape", SEGMENT_SHAPES, ids=lambda s: "N{}-G{}-K{}-d{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_segment_sum_emulated(schedule, shape, dtype, weighted):
+    """The CUDA kernels' sums are the CPU kernel's, bit for bit, under every schedule."""
+    values, index, weight = _segment_inputs(*shape, dtype, torch.int64, weighted)
+    sums, counts = torch.ops.fastvq_emu.segment_sum(values, index, shape[2], weight)
+    sums_cpu, counts_cpu = torch.ops.fastvq.segment_sum(values, index, shape[2], weight)
+    assert sums.dtype == sums_cpu.dtype and sums.shape == sums_cpu.shape
+    assert torch.equal(sums, sums_cpu) and torch.equal(counts, counts_cpu)
+
+
+def test_segment_sum_emulated_strided_int32(schedule):
+    N, G, K, d = 50, 3, 6, 5
+    values = torch.randn(G, N, 2 * d).transpose(0, 1)[..., ::2]
+    index = torch.randint(-1, K, (G, N), dtype=torch.int32).t()
+    weight = torch.rand(G, N).t()
+    for w in (None, weight):
+        got = torch.ops.fastvq_emu.segment_sum(values, index, K, w)
+        want = torch.ops.fastvq.segment_sum(values, index, K, w)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got = torch.ops.fastvq_emu.segment_sum(values, torch.full((N, G), -1, dtype=torch.int32), K)
+    assert not got[0].any() and not got[1].any()
+    got = torch.ops.fastvq_emu.segment_sum(values[:, 0], index[:, 0], K)
+    want = torch.ops.fastvq.segment_sum(values[:, 0], index[:, 0], K)
+    assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("bad", [6, -2])
+def test_segment_sum_emulated_bad_index_raises(bad):
+    values = torch.randn(8, 2, 3)
+    index = torch.zeros(8, 2, dtype=torch.long)
+    index[5, 0] = bad
+    with pytest.raises(IndexError, match=r"segment_sum: index must be in \[0, num_segments\) = \[0, 6\) or -1 "
+                                         rf"\(skipped\), got {bad} at row 5, group 0"):
+        torch.ops.fastvq_emu.segment_sum(values, index, 6)
+    with pytest.raises(RuntimeError, match=r"segment_sum: values \[N, d\] need index \[N\]"):
+        torch.ops.fastvq_emu.segment_sum(values, index[:, 0], 6)
+    index[5, 0] = 5
+    got = torch.ops.fastvq_emu.segment_sum(values, index, 6)
+    assert torch.equal(got[0], torch.ops.fastvq.segment_sum(values, index, 6)[0])

@@ -5,8 +5,12 @@ the op's fake (meta) kernel -- the single place of its shape logic -- and its au
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from fastvq.ops.segment import segment_sum
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -33,7 +37,8 @@ def mcq_search(z: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[Tensor
 def mcq_gather(indices: Tensor, codebooks: Tensor) -> Tensor:
     """``codebooks[g, indices[..., g]]`` for every group: ``[..., G]`` int64/int32 indices and
     ``[G, K, d]`` codebooks -> ``[..., G, d]`` in the codebooks' dtype. Differentiable w.r.t.
-    ``codebooks`` (the backward sums the gradients of every row that picked a code). Indices outside
+    ``codebooks`` (the backward sums the gradients of every row that picked a code with
+    :func:`fastvq.ops.segment_sum`: deterministic on CPU and CUDA, fp32 accumulation). Indices outside
     ``[0, K)`` raise on CPU and trip a device-side assert on CUDA."""
     return torch.ops.fastvq.mcq_gather.default(indices, codebooks)
 
@@ -89,10 +94,11 @@ def _mcq_gather_setup_context(ctx, inputs, output):
 def _mcq_gather_backward(ctx, grad: Tensor):
     (indices,) = ctx.saved_tensors
     G, K, d = ctx.codebooks_shape
-    # grad_codebooks[g, k] = sum of grad[n, g] over rows n with indices[n, g] == k
-    flat = (indices.reshape(-1, G).long() + torch.arange(G, device=indices.device) * K).reshape(-1)
-    grad_cb = grad.new_zeros(G * K, d).index_add_(0, flat, grad.reshape(-1, d))
-    return None, grad_cb.view(G, K, d)
+    # grad_codebooks[g, k] = sum of grad[n, g] over the rows n with indices[n, g] == k: a deterministic
+    # segment_sum on every backend (fp32 accumulation for 16-bit codebooks, rounded once at the end)
+    N = math.prod(indices.shape[:-1])
+    sums, _ = segment_sum(grad.reshape(N, G, d), indices.reshape(N, G), K)
+    return None, sums.to(grad.dtype)
 
 
 torch.library.register_autograd(

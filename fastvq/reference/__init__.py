@@ -9,6 +9,7 @@ from fastvq.reference.lfq import (
     lfq_quantize_ref,
 )
 from fastvq.reference.mcq import mcq_gather_ref, mcq_search_ref, multi_codebook_quantize_ref
+from fastvq.reference.segment import segment_sum_ref
 from fastvq.reference.merge import (
     bipartite_merge_ref,
     compose_source_ref,
@@ -23,4 +24,5 @@ __all__ = [
     "lfq_loss_ref",
     "bipartite_merge_ref", "compose_source_ref", "unmerge_ref", "tome_merge_dense_ref", "unmerge_dense_ref",
     "decode_attention_ref", "kv_append_ref", "decode_step_ref", "decode_attention_full_mask_ref",
+    "segment_sum_ref",
 ]
