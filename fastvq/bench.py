@@ -110,7 +110,7 @@ def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
     the forced ones), the reference, faiss."""
     info = bench["extra_info"]
     return (OP_ORDER.index(info["op"]), -info["G"], info["N"], info.get("metric", ""),
-            ("fastvq", "fastvq-ops", "reference", "faiss", "sdpa-sliced", "full-mask",
+            ("fastvq", "fastvq-ops", "reference", "torch-chunked", "faiss", "sdpa-sliced", "full-mask",
              "full-prefix-mask").index(info["impl"]),
             ("auto", "avx512", "avx2", "scalar").index(info.get("cpu_isa", "auto")))
 
@@ -183,7 +183,8 @@ TABLE_NOTES = ("rows: rows of z timed (the reference times the first rows of the
                "speed-ups compare rows/s.\n% ceiling: search GFLOP/s (2*rows*G*K*d / median) "
                "over the fp32 matmul GFLOP/s above; GB/s rows: over the copy bandwidth above.\npeak mem: peak resident memory of one call "
                "(lfq_entropy, merge: forward + backward) above what was resident before it, in a fresh process.\ndecode_attention: rows = tokens decoded; "
-               "vs ref = vs the full-cache + mask loop (full-mask), vs faiss = vs SDPA over the sliced cache.")
+               "vs ref = vs the full-cache + mask loop (full-mask), vs faiss = vs SDPA over the sliced cache.\n"
+               "mcq_search Nx1xKxd (bench_search.py): vs ref = vs chunked torch addmm + argmax (torch-chunked).")
 
 
 def main(argv: list[str] | None = None) -> int:
