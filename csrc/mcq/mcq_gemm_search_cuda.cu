@@ -114,6 +114,8 @@ __global__ void __launch_bounds__(kThreads) mcq_gemm_search_kernel(const McqGemm
       const int dc = static_cast<int>(d - d0 < kBK ? d - d0 : kBK);
       __syncthreads();  // the previous chunk's readers are done (and rden_s is visible)
       // 16 consecutive threads read 16 consecutive dims of one row / code: coalesced for unit d-stride.
+      // Not unrolled: the IEEE division's slow path is a call, and unrolled loads around it spill.
+#pragma unroll 1
       for (int i = tid; i < kBM * kBK; i += kThreads) {
         const int r = i / kBK, j = i % kBK;
         const int64_t n = row0 + r;
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(kThreads) mcq_gemm_search_kernel(const McqGemm
         }
         z_s[j][r] = v;
       }
+#pragma unroll 1
       for (int i = tid; i < kBN * kBK; i += kThreads) {
         const int c = i / kBK, j = i % kBK;
         const int64_t k = k0 + c;
