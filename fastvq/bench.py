@@ -110,7 +110,7 @@ def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
     the forced ones), the reference, faiss."""
     info = bench["extra_info"]
     return (OP_ORDER.index(info["op"]), -info["G"], info["N"], info.get("metric", ""),
-            ("fastvq", "fastvq-ops", "reference", "faiss", "sdpa-sliced", "full-mask",
+            ("fastvq", "fastvq-ops", "reference", "torch-chunked", "faiss", "sdpa-sliced", "full-mask",
              "full-prefix-mask", "scatter_reduce", "sort+segment_reduce").index(info["impl"]),
             ("auto", "avx512", "avx2", "scalar").index(info.get("cpu_isa", "auto")))
 
@@ -185,7 +185,8 @@ TABLE_NOTES = ("rows: rows of z timed (the reference times the first rows of the
                "(lfq_entropy, merge: forward + backward) above what was resident before it, in a fresh process.\ndecode_attention: rows = tokens decoded; "
                "vs ref = vs the full-cache + mask loop (full-mask), vs faiss = vs SDPA over the sliced cache.\n"
                "segment_sum: vs ref = vs index_add_ + bincount; GB/s of the minimal traffic (values + index read, "
-               "sums + counts written).\nkmeans: rows = points clustered, vs faiss = vs faiss.Kmeans (same iterations).")
+               "sums + counts written).\nkmeans: rows = points clustered, vs faiss = vs faiss.Kmeans (same iterations).\n"
+               "mcq_search Nx1xKxd (bench_search.py): vs ref = vs chunked torch addmm + argmax (torch-chunked).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "mcq/mcq_gemm_search_cpu_kernel.h"
 #include "mcq/mcq_host.h"
 #include "mcq/mcq_search_cpu_kernel.h"
 
@@ -22,13 +23,19 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cpu(const at::Tensor& z, const at:
 
   const at::Tensor z3 = z.reshape({s.N, s.G, s.d});  // a view whenever z's strides allow one
   McqSearchParams p = mcq_search_params(z3, codebooks, s, m, indices, scores);
+  const CpuIsa isa = cpu_isa_active();
+  if (s.d >= kMcqGemmMinD) {  // GEMM-shaped: the packed GEMM path (mcq_gemm_search_cpu_kernel.h), same bits
+    mcq_gemm_search_cpu_run(p, isa, at::get_num_threads(), [](int64_t n, int64_t grain, const auto& fn) {
+      at::parallel_for(0, n, grain, fn);
+    });
+    return {indices, scores};
+  }
   p.K_pad = round_up(s.K, kMcqCpuKAlign);
   at::Tensor cb_prep = at::empty({s.G, s.d, p.K_pad}, z.options().dtype(at::kFloat));  // [G, d, K_pad]
   at::Tensor bias_prep = at::empty({s.G, p.K_pad}, z.options().dtype(at::kFloat));     // [G, K_pad]
   p.cb_prep = cb_prep.data_ptr<float>();
   p.bias_prep = bias_prep.data_ptr<float>();
 
-  const CpuIsa isa = cpu_isa_active();
   // Work estimates keep tiny problems on one thread (a parallel region costs more than they do).
   const int64_t prep_work = s.K * std::max<int64_t>(s.d, 1);
   at::parallel_for(0, s.G, std::max<int64_t>(1, 32768 / prep_work), [&](int64_t b, int64_t e) {

@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "mcq/mcq_gemm_search_cuda.h"
 #include "mcq/mcq_host.h"
 
 namespace fastvq {
@@ -234,6 +235,10 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
 
   const at::Tensor z3 = z.reshape({s.N, s.G, s.d});
   McqSearchParams p = mcq_search_params(z3, codebooks, s, m, indices, scores);
+  if (s.d >= kMcqGemmMinD) {  // GEMM-shaped: mcq_gemm_search_cuda.cu (same bits, no codebook copy)
+    mcq_gemm_search_cuda(z3, p);
+    return {indices, scores};
+  }
   p.K_pad = round_up(s.K, kTileK);
   at::Tensor cb_prep = at::empty({s.G, s.d, p.K_pad}, z.options().dtype(at::kFloat));  // [G, d, K_pad]
   at::Tensor bias_prep = at::empty({s.G, p.K_pad}, z.options().dtype(at::kFloat));     // [G, K_pad]

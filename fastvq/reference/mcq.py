@@ -49,6 +49,33 @@ def mcq_search_ref(z: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[Te
     return indices.reshape(*lead, G), scores.reshape(*lead, G)
 
 
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def mcq_search_eps(z: Tensor, codebooks: Tensor, metric: str = "l2") -> Tensor:
+    """The exactness contract of :func:`fastvq.ops.mcq_search` (docs/ops/mcq.md, "Exactness contract"):
+    per row and group, the ``eps`` for which
+
+    - the returned code is the exact nearest code (of the fp32-rounded inputs) whenever the exact gap
+      between the best and the second-best objective exceeds ``eps``, and
+    - the returned code is always within ``eps`` of the best (l2: squared distance; cosine: cosine).
+
+    With ``gamma_d = d * u / (1 - d * u)``, ``u = 2**-24`` (fp32 unit roundoff) and ``C`` the largest
+    code norm of the group: l2 ``eps = 4.04 * gamma_d * C * (C + ||z||)``, cosine
+    ``eps = 4.04 * gamma_d + 8.1 * u``. z [..., G, d], codebooks [G, K, d] -> float64 [..., G]."""
+    G, K, d = codebooks.shape
+    u = FP32_UNIT_ROUNDOFF
+    gamma = d * u / (1 - d * u)
+    zn = z.float().double().norm(dim=-1)  # [..., G]
+    if metric == "cosine":
+        return torch.full_like(zn, 4.04 * gamma + 8.1 * u)
+    cb = codebooks.float().double()
+    finite = torch.isfinite(cb).all(-1)
+    cn = torch.where(finite, cb.norm(dim=-1), torch.zeros((), dtype=torch.float64))  # [G, K]
+    C = cn.amax(-1)  # [G]
+    return 4.04 * gamma * C * (C + zn)
+
+
 def mcq_gather_ref(indices: Tensor, codebooks: Tensor) -> Tensor:
     """Reference of :func:`fastvq.ops.mcq_gather`: codebooks[g, indices[..., g]] -> [..., G, d]."""
     G = codebooks.shape[0]
