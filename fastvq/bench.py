@@ -98,8 +98,9 @@ def table_order(bench: dict[str, Any]) -> tuple[object, ...]:
 
 
 # Roofs a row's work is compared with: (label, key of its rate in machine_info["fastvq"]["ceiling"],
-# unit of the rate). A row's ``flops`` go against "gemm" (fp32 GEMM throughput, the most any dense fp32
-# multiply-add work reaches here); its ``bytes`` against ``extra_info["roof"]`` (default "dram_copy").
+# unit of the rate). A row's ``flops`` go against "gemm" (the best measured fp32 torch.mm throughput: the
+# machine's practical dense multiply-add rate, below its FMA peak); its ``bytes`` against
+# ``extra_info["roof"]`` (default "dram_copy"; "l3_read" for data read repeatedly from L3).
 ROOFS = {
     "gemm": ("GEMM", "gflops", 1e9),
     "dram_copy": ("DRAM copy", "gbps", 1e9),
