@@ -1,4 +1,6 @@
-"""Benchmarks of the mcq ops against their pure-PyTorch references and, when installed, faiss.
+"""Benchmarks of the mcq ops against faiss (when installed; the ``best`` baseline of mcq_search) and
+their pure-PyTorch references (the ``naive`` baseline of mcq_search; mcq_gather's only alternative, so
+its ``best``).
 
 Each benchmark is one pytest-benchmark row, grouped by case (op, metric, N x G x K x d): one
 untimed warm-up call, then 5 to 100 timed calls, about two seconds' worth (``conftest.BenchConfig``).
@@ -50,8 +52,9 @@ class SearchCase:
 
 
 UNITOK = [SearchCase("unitok", 65536, 8, 4096, 8, metric) for metric in ("cosine", "l2")]
-SINGLE_CODEBOOK = SearchCase("single-codebook", 16384, 1, 16384, 8, "l2")  # LlamaGen / MergeVQ
-SEARCH_CASES = [*UNITOK, SINGLE_CODEBOOK]
+# One large codebook (LlamaGen: K = 16,384, d = 8)
+SINGLE_CODEBOOK = [SearchCase("single-codebook", 65536, 1, 16384, 8, metric) for metric in ("cosine", "l2")]
+SEARCH_CASES = [*UNITOK, *SINGLE_CODEBOOK]
 
 
 def case_id(case: SearchCase) -> str:
@@ -110,7 +113,7 @@ def test_search_reference(benchmark: BenchmarkFixture, bench_config: BenchConfig
     rows = min(n, REF_ROWS)
     z, codebooks = search_inputs(case, n, rows)
     timed_row(benchmark, bench_config, lambda: mcq_search_ref(z, codebooks, case.metric), case.group(n),
-        **search_info(case, "reference", n, rows))
+        **search_info(case, "reference", n, rows), baseline="naive")
 
 
 @pytest.mark.parametrize("case", SEARCH_CASES, ids=case_id)
@@ -136,7 +139,7 @@ def test_search_faiss(benchmark: BenchmarkFixture, bench_config: BenchConfig, ca
         for index, query in zip(indexes, queries):
             index.search(query, 1)
 
-    timed_row(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, n))
+    timed_row(benchmark, bench_config, search, case.group(n), **search_info(case, "faiss", n, n), baseline="best")
 
 
 GATHER_IMPLS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -154,4 +157,5 @@ def test_gather(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: st
     timed_row(benchmark, bench_config, lambda: gather(indices, codebooks),
         f"mcq_gather {n}x{case.g}x{case.k}x{case.d}",
         op="mcq_gather", impl=impl, N=n, rows=n, G=case.g, K=case.k, d=case.d,
-        bytes=indices.nbytes + 2 * n * case.g * case.d * codebooks.element_size())
+        bytes=indices.nbytes + 2 * n * case.g * case.d * codebooks.element_size(),
+        **({"baseline": "best"} if impl == "reference" else {}))

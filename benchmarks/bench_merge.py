@@ -121,4 +121,4 @@ def test_merge_schedule(benchmark: BenchmarkFixture, bench_config: BenchConfig, 
     timed_row(benchmark, bench_config, step,
         f"merge {case} B={B} T={T}->{tokens_out} C={C} r={schedule[0]}x{len(schedule)} {'fwd+bwd' if backward else 'fwd'}",
         op="bipartite_merge", impl=impl, N=B * T, G=1, rows=B, bytes=2 * B * T * C * x.element_size(),
-        source_bytes=source_bytes, schedule=schedule, **memory)
+        source_bytes=source_bytes, schedule=schedule, **memory, **({"baseline": "best"} if impl == "reference" else {}))

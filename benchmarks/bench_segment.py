@@ -111,7 +111,8 @@ def test_segment_sum(benchmark: BenchmarkFixture, bench_config: BenchConfig, cas
     S = g * case.k
     nbytes = values.nbytes + index.nbytes + S * case.d * 4 + S * 4
     timed_row(benchmark, bench_config, lambda: fn(values, index, case.k), case.group(n),
-              op="segment_sum", impl=impl, N=n, rows=n, G=g, K=case.k, d=case.d, bytes=nbytes)
+              op="segment_sum", impl=impl, N=n, rows=n, G=g, K=case.k, d=case.d, bytes=nbytes,
+              **({"baseline": "best"} if impl == "reference" else {}))
 
 
 # ---- kmeans ------------------------------------------------------------------------------------------
@@ -186,4 +187,5 @@ def test_kmeans(benchmark: BenchmarkFixture, bench_config: BenchConfig, case: KM
     centroids = run()
     inertia = faiss_inertia(x, centroids)
     timed_row(benchmark, bench_config, run, case.group(n), op="kmeans", impl=impl, N=n, rows=n,
-              G=case.g or 1, K=k, d=case.d, iters=case.iters, inertia=inertia)
+              G=case.g or 1, K=k, d=case.d, iters=case.iters, inertia=inertia,
+              **({"baseline": "best"} if impl == "faiss" else {}))

@@ -4,7 +4,8 @@ or ``python -m fastvq.bench``).
 Benchmark files are named ``bench_*.py`` so that no test run collects them; this conftest collects them
 when ``benchmarks/`` is named on the command line. It also adds the ``--fastvq-quick`` option (smoke
 run: 1/16 of the rows, a tenth of the timing) and records, in the ``machine_info`` of the JSON report, the
-fastvq build and the machine's measured fp32 matmul throughput (the ceiling the report compares with).
+fastvq build and the machine's measured roofs (fp32 matmul throughput, DRAM copy, L3 and DRAM read
+bandwidth) that the report compares each row's work with.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import torch
 import fastvq
 
 CEILING_MATMUL_SIZE = 2048
+CEILING_MATMUL_SIZES = (1024, 2048, 4096)
 CEILING_ROUNDS = 10
+L3_READ_MIB = 16    # larger than the L2 caches, smaller than the L3 of the machines measured (>= 32 MiB)
+DRAM_READ_MIB = 512
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ def bench_config(request: pytest.FixtureRequest) -> BenchConfig:
 
 def matmul_gflops(n: int = CEILING_MATMUL_SIZE, rounds: int = CEILING_ROUNDS) -> float:
     """fp32 ``torch.mm`` throughput of an [n, n] x [n, n] product (torch's default threads): GFLOP/s of
-    the median of ``rounds`` timed products after one warm-up."""
+    the median of ``rounds`` timed products after one warm-up. The GEMM roof of the report is the best of
+    CEILING_MATMUL_SIZES."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     torch.mm(a, b)
@@ -93,6 +98,19 @@ def copy_gbps(mib: int = 256, rounds: int = CEILING_ROUNDS) -> float:
     return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
+def read_gbps(mib: int, rounds: int = CEILING_ROUNDS) -> float:
+    """Read bandwidth of ``Tensor.sum`` over ``mib`` MiB of fp32 (torch's default threads), in GB/s: the
+    median of ``rounds`` sums after one warm-up (which also brings a cache-sized tensor into the cache)."""
+    src = torch.randn(mib * 2**18, generator=torch.Generator().manual_seed(0))
+    src.sum()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - start)
+    return src.nbytes / statistics.median(times) / 1e9
+
+
 def faiss_info() -> dict[str, Any] | None:
     try:
         import faiss
@@ -108,9 +126,13 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "torch_threads": torch.get_num_threads(),
         "faiss": faiss_info(),
         "ceiling": {
-            "what": f"torch.mm {CEILING_MATMUL_SIZE}x{CEILING_MATMUL_SIZE} fp32, median of {CEILING_ROUNDS}",
-            "gflops": matmul_gflops(),
-            "bandwidth_what": f"Tensor.copy_ of 256 MiB fp32, read + write, median of {CEILING_ROUNDS}",
+            "what": f"best torch.mm n x n, n in {CEILING_MATMUL_SIZES}, fp32, median of {CEILING_ROUNDS}",
+            "gflops": max(matmul_gflops(n) for n in CEILING_MATMUL_SIZES),
+            "gbps_what": f"Tensor.copy_ of 256 MiB fp32, read + write, median of {CEILING_ROUNDS}",
             "gbps": copy_gbps(),
+            "l3_read_gbps_what": f"Tensor.sum of {L3_READ_MIB} MiB fp32 (L3-resident), median of {CEILING_ROUNDS}",
+            "l3_read_gbps": read_gbps(L3_READ_MIB),
+            "dram_read_gbps_what": f"Tensor.sum of {DRAM_READ_MIB} MiB fp32, median of {CEILING_ROUNDS}",
+            "dram_read_gbps": read_gbps(DRAM_READ_MIB),
         },
     }

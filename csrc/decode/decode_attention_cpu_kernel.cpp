@@ -58,8 +58,9 @@ struct V : PortableLanes<16> {
     for (int i = 0; i < 2; ++i) t[i] = t[i] + t[i + 2];
     return t[0] + t[1];
   }
-  static void reduce16(const F* a, float* out) {
-    for (int i = 0; i < 16; ++i) out[i] = sum_tree(a[i]);
+  static constexpr int kScoreRows = 16;
+  static void reduce(const F* a, float* out) {
+    for (int i = 0; i < kScoreRows; ++i) out[i] = sum_tree(a[i]);
   }
   static float max_fold(const float* s, int64_t n) { return max_fold_sequential(s, n); }
 };
@@ -114,10 +115,37 @@ struct V {
     t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));                                            // (0, 1)
     return _mm_cvtss_f32(t);
   }
-  static void reduce16(const F* a, float* out) {
-    for (int i = 0; i < 16; ++i) out[i] = sum_tree(a[i]);
+  // 4 rows at a time: their 8 partial-sum registers, q's 2 and the loads fit the 16 ymm registers (16 rows
+  // would spill every accumulator).
+  static constexpr int kScoreRows = 4;
+  // out[i] = sum_tree(a[i]) for 4 vectors: each level adds the same pairs as sum_tree, for 2 or 4 rows per
+  // instruction.
+  static void reduce(const F* a, float* out) {
+    __m256 t[4];
+    for (int i = 0; i < 4; ++i) t[i] = _mm256_add_ps(a[i].lo, a[i].hi);  // (l, l + 8)
+    // (l, l + 4): rows 2i, 2i + 1 in the low and high 128-bit lanes
+    const __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(t[0], t[1], 0x20), _mm256_permute2f128_ps(t[0], t[1], 0x31));
+    const __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(t[2], t[3], 0x20), _mm256_permute2f128_ps(t[2], t[3], 0x31));
+    // (l, l + 2): low lane [row 0: l = 0, 1 | row 2: l = 0, 1], high lane the same for rows 1, 3
+    const __m256 v = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    // (0, 1): element 0 of each lane is row 0 (1) and element 1 row 2 (3)
+    const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(v, v, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm_storeu_ps(out, _mm_unpacklo_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps(w, 1)));
   }
-  static float max_fold(const float* s, int64_t n) { return max_fold_sequential(s, n); }
+  // decode_max folded from s[0]: the maximum of the non-NaN elements (any order: max is exact), NaN when
+  // s[0] is NaN (the sign of a zero maximum may differ from the fold's; no result depends on it)
+  static float max_fold(const float* s, int64_t n) {
+    if (s[0] != s[0]) return s[0];
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) mx = _mm256_max_ps(_mm256_loadu_ps(s + t), mx);  // a NaN element keeps mx
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+    for (; t < n; ++t) m = s[t] > m ? s[t] : m;
+    return m;
+  }
 };
 
 inline int64_t convert_fp16_contiguous(const uint16_t* src, int64_t n, float* dst) {
@@ -171,9 +199,10 @@ struct V {
     t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));                                                // (0, 1)
     return _mm_cvtss_f32(t);
   }
+  static constexpr int kScoreRows = 16;
   // out[i] = sum_tree(a[i]) for 16 vectors: each level adds the same pairs as sum_tree, two, four, eight
   // and sixteen rows per instruction; the last level leaves row k + 4j in element 4k + j.
-  static void reduce16(const F* a, float* out) {
+  static void reduce(const F* a, float* out) {
     __m512 s8[8], s4[4], s2[2];
     for (int i = 0; i < 8; ++i) {  // (l, l + 8): rows 2i, 2i + 1 in the low and high halves
       s8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
