@@ -88,13 +88,16 @@ __device__ __forceinline__ void stage_rows(float* tile, const scalar_t* base, in
   }
 }
 
-// The rows sequence b attends: its len_cache cache rows, then (decode_step) the token's own row.
+// The rows sequence b attends: its len_cache cache rows, then (decode_step) the token's own row. The host has
+// checked the lengths; one out of range anyway is clamped into [0, Lmax - own row], so no access leaves the
+// cache (the assert is for diagnosis only).
 __device__ __forceinline__ int64_t attended_rows(const DecodeAttentionParams& p, int64_t b, int64_t& len_cache) {
+  const int64_t own = p.k_new != nullptr ? 1 : 0;
   len_cache = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  const int64_t len = len_cache + (p.k_new != nullptr ? 1 : 0);
-  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len <= p.Lmax &&
+  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len_cache + own <= p.Lmax &&
                        "decode: lengths must be in [0, Lmax] (decode_attention), [0, Lmax - 1] (decode_step)");
-  return len;
+  len_cache = len_cache < 0 ? 0 : (len_cache > p.Lmax - own ? p.Lmax - own : len_cache);
+  return len_cache + own;
 }
 
 // row[0, Dp) = one row (stride_d) as fp32, zero past D: decode_step's own key or value.
@@ -217,7 +220,9 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_copy_kernel(const Kv
   const int64_t bh = blockIdx.x, b = bh / p.Hkv, h = bh % p.Hkv;
   if (!p.keep[b * p.keep_stride]) return;
   const int64_t n = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  FASTVQ_KERNEL_ASSERT(n >= 0 && n < p.Lmax && "kv_append: a sequence to append to has a full cache (or lengths out of range)");
+  const bool free_row = n >= 0 && n < p.Lmax;  // checked on the host; guarded here all the same
+  FASTVQ_KERNEL_ASSERT(free_row && "kv_append: a sequence to append to has a full cache (or lengths out of range)");
+  if (!free_row) return;
   scalar_t* kc = static_cast<scalar_t*>(p.k_cache) + b * p.kc_stride_b + h * p.kc_stride_h + n * p.kc_stride_l;
   scalar_t* vc = static_cast<scalar_t*>(p.v_cache) + b * p.vc_stride_b + h * p.vc_stride_h + n * p.vc_stride_l;
   const scalar_t* kn = static_cast<const scalar_t*>(p.k_new) + b * p.kn_stride_b + h * p.kn_stride_h;
@@ -232,9 +237,10 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_lengths_kernel(const
   const int64_t b = int64_t(blockIdx.x) * kAppendThreads + threadIdx.x;
   if (b >= p.B || !p.keep[b * p.keep_stride]) return;
   const int64_t i = b * p.lengths_stride;
-  FASTVQ_KERNEL_ASSERT(decode_load_index(p.lengths, p.lengths_type, i) < p.Lmax &&
-                       "kv_append: a sequence to append to has a full cache");
-  decode_store_index(p.lengths, p.lengths_type, i, decode_load_index(p.lengths, p.lengths_type, i) + 1);
+  const int64_t n = decode_load_index(p.lengths, p.lengths_type, i);
+  const bool free_row = n >= 0 && n < p.Lmax;  // as kv_append_copy_kernel: no row written, no bump
+  FASTVQ_KERNEL_ASSERT(free_row && "kv_append: a sequence to append to has a full cache");
+  if (free_row) decode_store_index(p.lengths, p.lengths_type, i, n + 1);
 }
 
 // f(scalar_t{}) for the three cache dtypes (the checks have rejected others).
@@ -312,6 +318,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const std::optional<at::Tensor>& bias) {
   FASTVQ_CUDA_DEVICE_GUARD(q.device());
   const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale);
+  decode_check_length_values("decode_attention", LengthsRule::kAttention, lengths, nullptr, s.Lmax, cuda_value_check());
   at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options());
   if (out.numel() == 0) return out;
   DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
@@ -323,12 +330,13 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
                     const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep) {
   FASTVQ_CUDA_DEVICE_GUARD(k_cache.device());
   const KvAppendParams p = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep);
+  decode_check_length_values("kv_append", LengthsRule::kAppend, lengths, &keep, p.Lmax, cuda_value_check());
   launch_append(p, k_cache.scalar_type(), "kv_append");
 }
 
 // decode_step: the attention over the cache and the token's own row, then the append of the kept rows
-// (stream order: every attention block has read its lengths before they change). Lengths out of range
-// trip a device-side assert.
+// (stream order: every attention block has read its lengths before they change). The lengths are checked on
+// the host first (one device reduction), with the CPU's messages.
 at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, const at::Tensor& k_new, const at::Tensor& v_new,
                             const at::Tensor& keep, std::optional<double> scale, const std::optional<at::Tensor>& bias) {
@@ -336,6 +344,7 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, cons
   FASTVQ_CUDA_DEVICE_GUARD(q.device());
   const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale, op);
   const KvAppendParams ap = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep, op);
+  decode_check_length_values(op, LengthsRule::kStep, lengths, nullptr, s.Lmax, cuda_value_check());
   at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options());
   if (out.numel() > 0) {
     DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);

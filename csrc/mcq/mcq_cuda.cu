@@ -88,6 +88,7 @@ __global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchPar
     den_s[tid] = p.metric == McqMetric::kCosine ? mcq_cosine_denominator(sum_sq) : 1.f;
     ok_s[tid] = (n < p.N && finite) ? 1 : 0;
   }
+  __syncthreads();  // den_s / ok_s are read by every warp (with d == 0 no chunk barrier below would run)
 
   float best_v[kRowsPerWarp];
   int best_k[kRowsPerWarp];
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchPar
     }
     for (int64_t d0 = 0; d0 < d; d0 += kDChunk) {
       const int dc = static_cast<int>(d - d0 < kDChunk ? d - d0 : kDChunk);
-      __syncthreads();  // the previous chunk's readers are done (and den_s/ok_s are visible)
+      __syncthreads();  // the previous chunk's readers are done
       if (!z_resident || k0 == 0) {
         for (int i = tid; i < kBlockRows * kDChunk; i += kThreads) {
           const int r = i / kDChunk, j = i % kDChunk;
@@ -202,8 +203,8 @@ __global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchPar
   }
 }
 
-// One thread per output element of [N, G, d]; an out-of-range index trips a device assert and its
-// row is filled with NaN (never an out-of-bounds read).
+// One thread per output element of [N, G, d]. The host has checked the indices; were one out of range
+// anyway, its row is filled with NaN (never an out-of-bounds read) and the assert (diagnosis only) trips.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(256) mcq_gather_kernel(const McqGatherParams p) {
   const scalar_t* cb = static_cast<const scalar_t*>(p.codebooks);
@@ -257,6 +258,7 @@ at::Tensor mcq_gather_cuda(const at::Tensor& indices, const at::Tensor& codebook
   const McqShape s = check_mcq_gather_args(indices, codebooks);
   FASTVQ_CUDA_DEVICE_GUARD(codebooks.device());
   at::Tensor out = mcq_gather_output(indices, codebooks);
+  if (s.N * s.G > 0) mcq_gather_check_indices(indices.reshape({s.N, s.G}), s.K, cuda_value_check());
   if (out.numel() == 0) return out;
   const at::Tensor idx2 = indices.reshape({s.N, s.G});
   const McqGatherParams p = mcq_gather_params(idx2, codebooks, s, out);
