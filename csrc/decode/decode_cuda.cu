@@ -2,7 +2,7 @@
 //
 // decode_attention is flash-decoding (split-K over the cache) with the CPU core's arithmetic (decode.h),
 // so the two devices return bit-identical results:
-//   decode_chunk_kernel    grid (B * Hkv, ceil(Lmax / 32)): a block owns one chunk of 32 keys of one
+//   decode_chunk_kernel    grid (B * Hkv, min(ceil(Lmax / 32), 65535)): a block owns a chunk of 32 keys of one
 //                          (sequence, kv-head). It stages the chunk's keys as fp32 in shared memory
 //                          (16-byte vector loads when the rows allow), 8 half-warps compute the scores of
 //                          all G query heads against it (16 lanes of partial sums, a butterfly for the
@@ -107,12 +107,11 @@ __device__ __forceinline__ void stage_self(float* row, const scalar_t* src, int6
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const DecodeAttentionParams p) {
-  FASTVQ_DYNAMIC_SHARED(float, smem);
+__device__ __forceinline__ void decode_chunk_block(const DecodeAttentionParams& p, float* smem, int64_t c) {
   const int64_t C = kDecodeChunk, G = p.G, D = p.D, Dp = p.Dp;
   float* tile = smem;         // [C, Dp] the chunk's keys, then its values
   float* sc = smem + C * Dp;  // [G, C] scores, then probabilities
-  const int64_t bh = blockIdx.x, c = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int64_t bh = blockIdx.x, b = bh / p.Hkv, h = bh % p.Hkv;
   int64_t len_cache;
   const int64_t len = attended_rows(p, b, len_cache);
   const int64_t t0 = c * C;
@@ -187,6 +186,17 @@ __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const Decod
     float acc = 0.f;
     for (int t = 0; t < nt; ++t) acc = fmaf(sc[g * C + t], tile[t * Dp + d], acc);
     part[i] = acc;
+  }
+}
+
+// Grid (B * Hkv, min(chunks, 65535)): a block loops over chunks blockIdx.y, + gridDim.y, ... (caches longer
+// than 65535 chunks pass CUDA's grid.y limit, as on the CPU).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const DecodeAttentionParams p) {
+  FASTVQ_DYNAMIC_SHARED(float, smem);
+  for (int64_t c = blockIdx.y; c < p.num_chunks; c += gridDim.y) {
+    if (c != blockIdx.y) __syncthreads();  // the previous chunk's readers of shared memory are done
+    decode_chunk_block<scalar_t>(p, smem, c);
   }
 }
 
@@ -276,15 +286,16 @@ void launch_attention(DecodeAttentionParams& p, const DecodeAttentionShape& s, c
   p.part_ml = part_ml.data_ptr<float>();
   p.k_vec = rows_vectorisable(k_cache);
   p.v_vec = rows_vectorisable(v_cache);
-  TORCH_CHECK(s.B * s.Hkv <= 0x7fffffff && s.B * s.Hq <= 0x7fffffff && p.num_chunks <= 65535, op,
-              ": the problem is too large for one launch (B * Hq = ", s.B * s.Hq, ", Lmax = ", s.Lmax, ")");
+  TORCH_CHECK(s.B * s.Hkv <= 0x7fffffff && s.B * s.Hq <= 0x7fffffff, op,
+              ": the problem is too large for one launch (B * Hq = ", s.B * s.Hq, ")");
   const size_t smem = static_cast<size_t>(kDecodeChunk * p.Dp + s.G * kDecodeChunk) * sizeof(float);
   decode_dispatch(q.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto stream = FASTVQ_CUDA_STREAM();
     if (p.num_chunks > 0) {
       FASTVQ_LAUNCH_KERNEL(decode_chunk_kernel<scalar_t>,
-                           dim3(static_cast<unsigned>(s.B * s.Hkv), static_cast<unsigned>(p.num_chunks)),
+                           dim3(static_cast<unsigned>(s.B * s.Hkv),
+                                static_cast<unsigned>(std::min<int64_t>(p.num_chunks, 65535))),
                            dim3(kChunkThreads), smem, stream, p);
       FASTVQ_CUDA_LAUNCH_CHECK();
     }
