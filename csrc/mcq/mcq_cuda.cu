@@ -4,7 +4,7 @@
 // both devices return bit-identical indices and scores:
 //   mcq_prepare_kernel  one thread per code: convert, normalise (cosine), transpose to [G, d, K_pad],
 //                       bias = -||c||^2/2 (l2) or 0 (cosine), -inf for non-finite codes and padding.
-//   mcq_search_kernel   grid (row blocks, min(G, 65535)), looping over groups. A block owns 64 rows of one group: 8 warps x 8 rows.
+//   mcq_search_kernel   grid (row blocks, G; 65535 groups per launch). A block owns 64 rows of one group: 8 warps x 8 rows.
 //                       Code tiles of 128 go through shared memory in d-chunks of 32; each lane scores
 //                       4 codes (lane + 32 c) of the tile for all 8 rows of its warp, keeps a running
 //                       best per row, and the warp reduces (value, index) pairs with the shared tie rule.
@@ -29,7 +29,8 @@ constexpr int kDChunk = 32;                 // dimensions per shared-memory chun
 constexpr int kPrepThreads = 256;
 
 template <typename scalar_t>
-__device__ __forceinline__ void mcq_prepare_code(const McqSearchParams& p, int64_t g) {
+__global__ void __launch_bounds__(kPrepThreads) mcq_prepare_kernel(const McqSearchParams p) {
+  const int64_t g = blockIdx.y;
   const int64_t k = int64_t(blockIdx.x) * kPrepThreads + threadIdx.x;
   if (k >= p.K_pad) return;
   const scalar_t* cb = static_cast<const scalar_t*>(p.codebooks);
@@ -56,20 +57,15 @@ __device__ __forceinline__ void mcq_prepare_code(const McqSearchParams& p, int64
   }
 }
 
-// Grid (code blocks, min(G, 65535)): a block row loops over groups blockIdx.y, + gridDim.y, ...
 template <typename scalar_t>
-__global__ void __launch_bounds__(kPrepThreads) mcq_prepare_kernel(const McqSearchParams p) {
-  for (int64_t g = blockIdx.y; g < p.G; g += gridDim.y) mcq_prepare_code<scalar_t>(p, g);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ void mcq_search_block(const McqSearchParams& p, int64_t g) {
+__global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchParams p) {
   __shared__ __align__(16) float z_s[kBlockRows][kDChunk];  // the block's rows, one d-chunk, fp32
   __shared__ __align__(16) float cb_s[kDChunk][kTileK];     // one code tile, one d-chunk
   __shared__ float den_s[kBlockRows];                       // cosine: max(||z||, eps); l2: 1
   __shared__ int ok_s[kBlockRows];                          // 1 = row exists and is finite
 
   const scalar_t* z = static_cast<const scalar_t*>(p.z);
+  const int64_t g = blockIdx.y;
   const int64_t row0 = int64_t(blockIdx.x) * kBlockRows;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t d = p.d, K_pad = p.K_pad;
@@ -207,16 +203,6 @@ __device__ __forceinline__ void mcq_search_block(const McqSearchParams& p, int64
   }
 }
 
-// Grid (row blocks, min(G, 65535)): a block row loops over groups blockIdx.y, + gridDim.y, ... (G may pass
-// CUDA's 65535 limit on grid.y, as on the CPU).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchParams p) {
-  for (int64_t g = blockIdx.y; g < p.G; g += gridDim.y) {
-    if (g != blockIdx.y) __syncthreads();  // the previous group's readers of the shared arrays are done
-    mcq_search_block<scalar_t>(p, g);
-  }
-}
-
 // One thread per output element of [N, G, d]. The host has checked the indices; were one out of range
 // anyway, its row is filled with NaN (never an out-of-bounds read) and the assert (diagnosis only) trips.
 template <typename scalar_t, typename index_t>
@@ -256,13 +242,24 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
 
   const auto stream = FASTVQ_CUDA_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mcq_search_cuda", [&] {
-    const unsigned gy = static_cast<unsigned>(std::min<int64_t>(s.G, 65535));
-    const dim3 prep_grid(static_cast<unsigned>((p.K_pad + kPrepThreads - 1) / kPrepThreads), gy);
-    FASTVQ_LAUNCH_KERNEL(mcq_prepare_kernel<scalar_t>, prep_grid, dim3(kPrepThreads), 0, stream, p);
-    FASTVQ_CUDA_LAUNCH_CHECK();
-    const dim3 grid(static_cast<unsigned>((s.N + kBlockRows - 1) / kBlockRows), gy);
-    FASTVQ_LAUNCH_KERNEL(mcq_search_kernel<scalar_t>, grid, dim3(kThreads), 0, stream, p);
-    FASTVQ_CUDA_LAUNCH_CHECK();
+    // Groups go on grid.y (at most 65535): more groups take more launches, each on params whose group-indexed
+    // pointers start at its first group g0 (the output row stride stays p.G).
+    for (int64_t g0 = 0; g0 < s.G; g0 += 65535) {
+      McqSearchParams q = p;
+      q.z = static_cast<const scalar_t*>(p.z) + g0 * p.z_stride_g;
+      q.codebooks = static_cast<const scalar_t*>(p.codebooks) + g0 * p.cb_stride_g;
+      q.cb_prep = p.cb_prep + g0 * p.d * p.K_pad;
+      q.bias_prep = p.bias_prep + g0 * p.K_pad;
+      q.indices = p.indices + g0;
+      q.scores = p.scores + g0;
+      const unsigned gy = static_cast<unsigned>(std::min<int64_t>(s.G - g0, 65535));
+      const dim3 prep_grid(static_cast<unsigned>((p.K_pad + kPrepThreads - 1) / kPrepThreads), gy);
+      FASTVQ_LAUNCH_KERNEL(mcq_prepare_kernel<scalar_t>, prep_grid, dim3(kPrepThreads), 0, stream, q);
+      FASTVQ_CUDA_LAUNCH_CHECK();
+      const dim3 grid(static_cast<unsigned>((s.N + kBlockRows - 1) / kBlockRows), gy);
+      FASTVQ_LAUNCH_KERNEL(mcq_search_kernel<scalar_t>, grid, dim3(kThreads), 0, stream, q);
+      FASTVQ_CUDA_LAUNCH_CHECK();
+    }
   });
   return {indices, scores};
 }
