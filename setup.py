@@ -71,6 +71,12 @@ def make_extensions():
         defines.append("-DFASTVQ_WITH_CUDA")
     cxx = opt + defines + ["-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     nvcc = opt + defines + ["-lineinfo", "--expt-relaxed-constexpr", "--fmad=false", "-Xcompiler", "-fopenmp"]
+    # nvcc reads these itself; --use_fast_math defines no macro that csrc/common/macros.h could refuse.
+    for var in ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS"):
+        if any(f in os.environ.get(var, "") for f in ("use_fast_math", "ftz=true", "prec-div=false",
+                                                       "prec-sqrt=false", "fmad=true")):
+            raise SystemExit(f"fastvq: {var}={os.environ[var]!r} asks nvcc for fast math; fastvq's kernels promise "
+                             "IEEE results bit-identical across backends (docs/conventions.md)")
     ext_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
     return [ext_cls(
         name="fastvq._C",

@@ -170,6 +170,7 @@ def test_decode_call(benchmark: BenchmarkFixture, bench_config: BenchConfig, imp
     q = torch.randn(batch, H, D, generator=gen)
     k, v = (torch.randn(batch, H, length, D, generator=gen) for _ in range(2))
     lengths = torch.full((batch,), length, dtype=torch.int32)
+    q, k, v, lengths = bench_config.on(q, k, v, lengths)
     if impl == "fastvq":
         fn = lambda: decode_attention(q, k, v, lengths)  # noqa: E731
     else:

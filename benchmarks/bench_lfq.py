@@ -76,7 +76,7 @@ def entropy_gemm_flops(rows: int, bits: int = D) -> int:
 def test_entropy_loss(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, n: int) -> None:
     n = bench_config.scaled(n)
     rows = min(n, REF_ROWS) if impl == "reference" else n
-    z = torch.randn(n, D, generator=torch.Generator().manual_seed(0))[:rows].requires_grad_()
+    z = bench_config.on(torch.randn(n, D, generator=torch.Generator().manual_seed(0)))[:rows].requires_grad_()
     fn = ENTROPY_IMPLS[impl]
 
     def loss_forward_backward() -> None:
@@ -85,7 +85,7 @@ def test_entropy_loss(benchmark: BenchmarkFixture, bench_config: BenchConfig, im
         z.grad = None
 
     # Peak memory only where the timed rows are the whole case (a row subset's memory says nothing of N's).
-    memory = {"peak_bytes": peak_bytes(impl, rows)} if rows == n else {}
+    memory = {"peak_bytes": peak_bytes(impl, rows)} if rows == n and bench_config.device == "cpu" else {}
     work = {} if impl == "reference" else {"flops": entropy_gemm_flops(rows)}
     role = {"baseline": ENTROPY_BASELINE[impl]} if impl in ENTROPY_BASELINE else {}
     timed_row(benchmark, bench_config, loss_forward_backward, f"lfq_entropy fwd+bwd D={D} N={n}",
@@ -102,7 +102,7 @@ def test_quantize(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: 
     """Both allocate their outputs per call; on the CPU the first touch of a fresh large allocation
     (page faults) costs more than the kernel's own reads and writes."""
     n = bench_config.scaled(65536)
-    z = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    z = bench_config.on(torch.randn(n, dim, generator=torch.Generator().manual_seed(0)))
     groups = dim // (group_bits or dim)
     quantize = QUANTIZE_IMPLS[impl]
     timed_row(benchmark, bench_config, lambda: quantize(z, group_bits), f"lfq_quantize {n}x{dim} g={group_bits}",
@@ -120,7 +120,7 @@ def test_codes_from_ids(benchmark: BenchmarkFixture, bench_config: BenchConfig, 
     n = bench_config.scaled(65536)
     g = group_bits or dim
     shape = (n,) if group_bits == 0 else (n, dim // g)
-    ids = torch.randint(0, 2**g, shape, generator=torch.Generator().manual_seed(0))
+    ids = bench_config.on(torch.randint(0, 2**g, shape, generator=torch.Generator().manual_seed(0)))
     unpack = UNPACK_IMPLS[impl]
     timed_row(benchmark, bench_config, lambda: unpack(ids, dim, group_bits), f"lfq_codes_from_ids {n}x{dim} g={group_bits}",
         op="lfq_codes_from_ids", impl=impl, N=n, rows=n, G=dim // g, bytes=ids.nbytes + n * dim * 4,

@@ -101,7 +101,7 @@ FASTVQ_SEARCH = [(case, "auto") for case in SEARCH_CASES] + [
 def test_search_fastvq(benchmark: BenchmarkFixture, bench_config: BenchConfig, case: SearchCase,
                        isa: str) -> None:
     n = bench_config.scaled(case.n)
-    z, codebooks = search_inputs(case, n, n)
+    z, codebooks = bench_config.on(*search_inputs(case, n, n))
     with forced_cpu_isa(isa) as active:
         timed_row(benchmark, bench_config, lambda: mcq_search(z, codebooks, case.metric), case.group(n),
             **search_info(case, "fastvq", n, n), cpu_isa=isa, cpu_isa_active=active)
@@ -111,7 +111,7 @@ def test_search_fastvq(benchmark: BenchmarkFixture, bench_config: BenchConfig, c
 def test_search_reference(benchmark: BenchmarkFixture, bench_config: BenchConfig, case: SearchCase) -> None:
     n = bench_config.scaled(case.n)
     rows = min(n, REF_ROWS)
-    z, codebooks = search_inputs(case, n, rows)
+    z, codebooks = bench_config.on(*search_inputs(case, n, rows))
     timed_row(benchmark, bench_config, lambda: mcq_search_ref(z, codebooks, case.metric), case.group(n),
         **search_info(case, "reference", n, rows), baseline="naive")
 
@@ -153,6 +153,7 @@ def test_gather(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: st
     n = bench_config.scaled(case.n)
     indices = torch.randint(case.k, (n, case.g), generator=torch.Generator().manual_seed(2))
     codebooks = randn(case.g, case.k, case.d, seed=1)
+    indices, codebooks = bench_config.on(indices, codebooks)
     gather = GATHER_IMPLS[impl]
     timed_row(benchmark, bench_config, lambda: gather(indices, codebooks),
         f"mcq_gather {n}x{case.g}x{case.k}x{case.d}",

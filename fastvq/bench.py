@@ -33,12 +33,12 @@ def bench_dir() -> Path:
     return Path(os.environ.get(BENCH_DIR_ENV) or Path(fastvq.__file__).resolve().parent.parent / "benchmarks")
 
 
-def run_benchmarks(directory: Path, json_path: Path, quick: bool, keyword: str | None) -> int:
+def run_benchmarks(directory: Path, json_path: Path, quick: bool, keyword: str | None, device: str = "cpu") -> int:
     """pytest on ``directory`` with the JSON report written to ``json_path``; returns pytest's exit code."""
     import pytest  # here, so that main() can first say that pytest-benchmark is missing
 
     args = [str(directory), "-q", "--benchmark-only", f"--benchmark-json={json_path}",
-            "--benchmark-columns=median,iqr,min,max,rounds"]
+            "--benchmark-columns=median,iqr,min,max,rounds", f"--device={device}"]
     if quick:
         args.append("--fastvq-quick")
     if keyword:
@@ -71,15 +71,40 @@ def peak_rss_increase(fn: Callable[[], object]) -> int:
 def timed_row(benchmark: Any, config: Any, fn: Callable[[], object], group: str, **info: object) -> None:
     """Time ``fn`` as a row of ``group`` described by ``info`` (pytest-benchmark's ``extra_info``): one
     untimed warm-up call, then ``config.rounds(its time)`` timed calls (``config``: the benchmarks'
-    ``BenchConfig``). Every benchmark file times its rows through this."""
+    ``BenchConfig``). Every benchmark file times its rows through this.
+
+    On a GPU (``config.device == "cuda"``) every call is bracketed by CUDA events and synchronised, so
+    pytest-benchmark's wall-clock statistics include the kernels' completion (not just their launch), and
+    the events' own times (``extra_info["cuda_event_s"]``, their median in ``"cuda_event_median_s"``) are
+    what the summary table reports."""
+    import statistics
     import time
 
-    start = time.perf_counter()
-    fn()
-    rounds = config.rounds(time.perf_counter() - start)
+    device = getattr(config, "device", "cpu")
+    timed = fn
+    event_s: list[float] = []
+    if device == "cuda":
+        import torch
+
+        def timed() -> None:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            event_s.append(start.elapsed_time(stop) / 1e3)
+
+        torch.cuda.synchronize()
+    start_s = time.perf_counter()
+    timed()
+    rounds = config.rounds(time.perf_counter() - start_s)
+    event_s.clear()  # the warm-up
     benchmark.group = group
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, rounds=rounds)
+    benchmark.extra_info.update(info, device=device)
+    benchmark.pedantic(timed, rounds=rounds)
+    if event_s:
+        benchmark.extra_info["cuda_event_s"] = event_s
+        benchmark.extra_info["cuda_event_median_s"] = statistics.median(event_s)
 
 
 OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize", "lfq_codes_from_ids", "bipartite_merge",
@@ -154,12 +179,15 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     ceilings = report["machine_info"]["fastvq"]["ceiling"]
     benches = report["benchmarks"]
     # Per-row throughput of each case's baselines (extra_info["baseline"]: "best" = the best alternative a
-    # user has, "naive" = the naive formulation), the denominators of the speed-ups.
-    baselines = {(b["group"], b["extra_info"]["baseline"]): b["extra_info"]["rows"] / b["stats"]["median"]
+    # user has, "naive" = the naive formulation), the denominators of the speed-ups; a GPU row counts its
+    # CUDA-event median.
+    baselines = {(b["group"], b["extra_info"]["baseline"]):
+                 b["extra_info"]["rows"] / b["extra_info"].get("cuda_event_median_s", b["stats"]["median"])
                  for b in benches if b["extra_info"].get("baseline") in ("best", "naive")}
     rows = []
     for b in sorted(benches, key=table_order):
-        info, median = b["extra_info"], b["stats"]["median"]
+        info = b["extra_info"]
+        median = info.get("cuda_event_median_s", b["stats"]["median"])  # a GPU row: its CUDA-event median
         per_row = info["rows"] / median
         best, naive = baselines.get((b["group"], "best")), baselines.get((b["group"], "naive"))
         if "bytes" in info and "flops" not in info:
@@ -193,8 +221,10 @@ def format_header(report: dict[str, Any]) -> str:
     cpu = machine["cpu"]
     faiss_line = (f"{faiss['version']}, {faiss['threads']} threads" if faiss
                   else "not installed (faiss rows skipped)")
+    gpu = f"\ndevice   {ours['gpu']} (sm_{''.join(map(str, ours['capability']))}), CUDA-event medians" \
+        if ours.get("device") == "cuda" else ""
     return "\n".join([
-        f"fastvq {build['version']} benchmarks, {report['datetime']}",
+        f"fastvq {build['version']} benchmarks, {report['datetime']}{gpu}",
         f"machine  {cpu.get('brand_raw') or machine['processor']}, {cpu.get('count')} CPUs, "
         f"{machine['system']} {machine['release']} {machine['machine']}",
         f"fastvq   cpu_isa {build['cpu_isa']} (supported: {build['cpu_isa_supported']}), "
@@ -235,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep pytest-benchmark's JSON report here (default: a temporary file)")
     parser.add_argument("-k", dest="keyword", metavar="EXPR",
                         help="pytest -k expression selecting the benchmarks")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="run the ops on this device (cuda: CUDA-event timing, every call synchronised)")
     args = parser.parse_args(argv)
 
     directory = bench_dir()
@@ -246,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         json_path = args.json or Path(tmp) / "benchmarks.json"
-        code = run_benchmarks(directory, json_path, args.quick, args.keyword)
+        code = run_benchmarks(directory, json_path, args.quick, args.keyword, args.device)
         text = json_path.read_text() if json_path.exists() else ""
         if not text:  # no benchmark ran: none selected, or a collection error
             return code

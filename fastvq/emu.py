@@ -59,6 +59,18 @@ def set_mode(mode: str) -> None:
 
 
 @contextlib.contextmanager
+def unchecked() -> Iterator[None]:
+    """Within the body, the emulated ops skip their host-side value checks (index ranges, sizes > 0, lengths
+    <= capacity) and the kernels' asserts are off, as in a build without either: bad values reach the kernels,
+    whose own guards must keep every access in bounds. For tests (under the ASan variant)."""
+    torch.ops.fastvq_emu._set_unchecked(True)
+    try:
+        yield
+    finally:
+        torch.ops.fastvq_emu._set_unchecked(False)
+
+
+@contextlib.contextmanager
 def schedule(name: str, seed: int = 0) -> Iterator[None]:
     """Run the body under schedule ``name``; restores ``"forward"`` afterwards."""
     set_schedule(name, seed)

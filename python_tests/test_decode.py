@@ -698,24 +698,22 @@ def test_mergear_contract_decode_equals_full_forward(unique):
 EMU_SHAPES = [(3, 2, 2, 70, 64), (2, 8, 1, 33, 80), (3, 4, 2, 40, 7), (2, 4, 4, 65, 128), (2, 2, 1, 20, 33)]
 
 
-@needs_emu
 @pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-L{}-D{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_decode_attention_bit_identical(schedule, shape, dtype):
+def test_emulated_decode_attention_bit_identical(schedule, cuda_ops, shape, dtype):
     B, Hq, Hkv, Lmax, D = shape
     q, k, v = make_cache(B, Hq, Hkv, Lmax, D, dtype)
     lengths = ragged_lengths(B, Lmax, torch.int32)
     bias = torch.randn(B, Lmax).to(dtype)
     bias[0, 3] = float("-inf")
     for args in ((q, k, v, lengths, None, None), (q, k, v, lengths.long(), 0.7, bias)):
-        got = torch.ops.fastvq_emu.decode_attention(*args)
+        got = cuda_ops.decode_attention(*args)
         want = decode_attention(*args)
         assert got.dtype == dtype and got.shape == want.shape
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
 
 
-@needs_emu
-def test_emulated_decode_attention_strided_and_edge_cases(schedule):
+def test_emulated_decode_attention_strided_and_edge_cases(schedule, cuda_ops):
     B, Hq, Hkv, Lmax, D = 3, 4, 2, 36, 16
     q, k, v = make_cache(B, Hq, Hkv, Lmax, D, torch.float16)
     lengths = torch.tensor([36, 0, 5])
@@ -726,22 +724,21 @@ def test_emulated_decode_attention_strided_and_edge_cases(schedule):
     k_off = torch.zeros(B * Hkv * Lmax * D + 1, dtype=torch.float16)[1:].view(B, Hkv, Lmax, D)
     k_off.copy_(k)  # misaligned base pointer: the scalar path too
     for kk, vv in ((kt, vs), (k_off, v)):
-        got = torch.ops.fastvq_emu.decode_attention(q, kk, vv, lengths, None, None)
+        got = cuda_ops.decode_attention(q, kk, vv, lengths, None, None)
         assert torch.equal(got, decode_attention(q, kk, vv, lengths))
     big = torch.randn(B, Hq, D) * 300  # large logits
-    assert torch.equal(torch.ops.fastvq_emu.decode_attention(big.half(), k, v, lengths, None, None),
+    assert torch.equal(cuda_ops.decode_attention(big.half(), k, v, lengths, None, None),
                        decode_attention(big.half(), k, v, lengths))
     all_masked = torch.full((B, Lmax), float("-inf"), dtype=torch.float16)
-    assert torch.ops.fastvq_emu.decode_attention(q, k, v, lengths, None, all_masked).eq(0).all()
-    e = torch.ops.fastvq_emu.decode_attention(q[:0], k[:0], v[:0], lengths[:0], None, None)
+    assert cuda_ops.decode_attention(q, k, v, lengths, None, all_masked).eq(0).all()
+    e = cuda_ops.decode_attention(q[:0], k[:0], v[:0], lengths[:0], None, None)
     assert e.shape == (0, Hq, D)
-    z = torch.ops.fastvq_emu.decode_attention(q, k[:, :, :0], v[:, :, :0], torch.zeros(B, dtype=torch.long), None, None)
+    z = cuda_ops.decode_attention(q, k[:, :, :0], v[:, :, :0], torch.zeros(B, dtype=torch.long), None, None)
     assert z.shape == (B, Hq, D) and z.eq(0).all()
 
 
-@needs_emu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_kv_append(schedule, dtype):
+def test_emulated_kv_append(schedule, cuda_ops, dtype):
     B, Hkv, Lmax, D = 5, 3, 8, 20
     caches = [(torch.randn(B, Hkv, Lmax, D).to(dtype), torch.randn(B, Hkv, Lmax, D).to(dtype)) for _ in range(2)]
     caches[1] = (caches[0][0].clone(), caches[0][1].clone())
@@ -749,7 +746,7 @@ def test_emulated_kv_append(schedule, dtype):
     for keep in (torch.tensor([True, False, True, True, False]), torch.ones(B, dtype=torch.bool),
                  torch.zeros(B, dtype=torch.bool)):
         k_new, v_new = torch.randn(B, Hkv, D).to(dtype), torch.randn(B, Hkv, D).to(dtype)
-        torch.ops.fastvq_emu.kv_append(*caches[0], lengths[0], k_new, v_new, keep)
+        cuda_ops.kv_append(*caches[0], lengths[0], k_new, v_new, keep)
         kv_append(*caches[1], lengths[1], k_new, v_new, keep)
         assert torch.equal(lengths[0], lengths[1])
         for a, b in zip(caches[0], caches[1]):
@@ -757,10 +754,9 @@ def test_emulated_kv_append(schedule, dtype):
     assert lengths[0].tolist() == [2, 2, 7, 5, 3]
 
 
-@needs_emu
 @pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-L{}-D{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_decode_step_bit_identical(schedule, shape, dtype):
+def test_emulated_decode_step_bit_identical(schedule, cuda_ops, shape, dtype):
     B, Hq, Hkv, Lmax, D = shape
     q, k, v = make_cache(B, Hq, Hkv, Lmax, D, dtype)
     lengths = ragged_lengths(B, Lmax - 1, torch.int32)  # a free row for every token
@@ -770,15 +766,14 @@ def test_emulated_decode_step_bit_identical(schedule, shape, dtype):
     bias[0, 0] = float("-inf")
     for args in ((None, None), (0.7, bias)):
         caches = [(k.clone(), v.clone(), lengths.clone()) for _ in range(2)]
-        got = torch.ops.fastvq_emu.decode_step(q, *caches[0], k_new, v_new, keep, *args)
+        got = cuda_ops.decode_step(q, *caches[0], k_new, v_new, keep, *args)
         want = decode_step(q, *caches[1], k_new, v_new, keep, *args)
         assert got.dtype == dtype and torch.equal(got, want), (got.float() - want.float()).abs().max()
         for a, b in zip(*caches):
             assert torch.equal(a, b)
 
 
-@needs_emu
-def test_emulated_decode_step_strided_and_edge_cases(schedule):
+def test_emulated_decode_step_strided_and_edge_cases(schedule, cuda_ops):
     B, Hq, Hkv, Lmax, D = 3, 4, 2, 36, 16
     q, k, v = make_cache(B, Hq, Hkv, Lmax, D, torch.float16)
     kt = k.transpose(1, 2).contiguous().transpose(1, 2)
@@ -786,24 +781,11 @@ def test_emulated_decode_step_strided_and_edge_cases(schedule):
     v_new = torch.randn(B, Hkv, D).half()
     lengths, keep = torch.tensor([35, 0, 32]), torch.tensor([True, False, True])
     caches = [(kt.clone(), v.clone(), lengths.clone()) for _ in range(2)]
-    got = torch.ops.fastvq_emu.decode_step(q, *caches[0], k_new, v_new, keep, None, None)
+    got = cuda_ops.decode_step(q, *caches[0], k_new, v_new, keep, None, None)
     assert torch.equal(got, decode_step(q, *caches[1], k_new, v_new, keep))
     for a, b in zip(*caches):
         assert torch.equal(a, b)
     # Hq = 0: nothing to attend, the kept rows are still appended
     kc, vc, lc = k.clone(), v.clone(), lengths.clone()
-    e = torch.ops.fastvq_emu.decode_step(q[:, :0], kc, vc, lc, k_new, v_new, keep, None, None)
+    e = cuda_ops.decode_step(q[:, :0], kc, vc, lc, k_new, v_new, keep, None, None)
     assert e.shape == (B, 0, D) and lc.tolist() == [36, 0, 33] and torch.equal(kc[2, :, 32], k_new[2])
-
-
-@needs_emu
-def test_emulated_out_of_range_traps():
-    q, k, v = _qkv()
-    with pytest.raises(RuntimeError, match=r"__trap\(\) at decode_cuda\.cu:\d+"):
-        torch.ops.fastvq_emu.decode_attention(q, k, v, torch.tensor([3, 7]), None, None)
-    with pytest.raises(RuntimeError, match=r"__trap\(\) at decode_cuda\.cu:\d+"):
-        torch.ops.fastvq_emu.kv_append(k.clone(), v.clone(), torch.tensor([6, 0]), _kn, _vn, _keep)
-    with pytest.raises(RuntimeError, match=r"__trap\(\) at decode_cuda\.cu:\d+"):  # a full cache: no free row
-        torch.ops.fastvq_emu.decode_step(q, k.clone(), v.clone(), torch.tensor([3, 6]), _kn, _vn, ~_keep, None, None)
-    # the emulator is usable again after an error
-    assert torch.equal(torch.ops.fastvq_emu.decode_attention(q, k, v, _len, None, None), decode_attention(q, k, v, _len))

@@ -50,6 +50,7 @@ if [ "$FASTVQ_EMU_ASAN" = "1" ]; then
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1" \
   FASTVQ_EMU_VARIANT=asan FASTVQ_REQUIRE_EMU=1 \
     "$PY" -m pytest python_tests/test_cuda_emulated.py python_tests/test_lfq.py python_tests/test_merge.py \
-      python_tests/test_decode.py python_tests/test_mcq_gemm.py -k "emulated or every_op" \
+      python_tests/test_decode.py python_tests/test_mcq_gemm.py python_tests/test_cuda_errors.py \
+      python_tests/test_cuda_device.py -k "emulated or every_op or emu" \
       -q -p no:cacheprovider
 fi

@@ -15,16 +15,6 @@
 namespace fastvq {
 namespace {
 
-// The first b with lengths[b] outside [lo, hi], or -1.
-int64_t first_length_outside(const DecodeIndex type, const void* lengths, int64_t stride, int64_t B, int64_t lo,
-                             int64_t hi) {
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = decode_load_index(lengths, type, b * stride);
-    if (n < lo || n > hi) return b;
-  }
-  return -1;
-}
-
 // lengths[b] += 1 where keep[b] (after every row is written).
 void bump_kept_lengths(void* lengths, DecodeIndex type, int64_t stride, const bool* keep, int64_t keep_stride,
                        int64_t B) {
@@ -56,9 +46,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale);
   at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options().dtype(at::kFloat));
   DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
-  const int64_t bad = first_length_outside(p.lengths_type, p.lengths, p.lengths_stride, s.B, 0, s.Lmax);
-  TORCH_CHECK(bad < 0, "decode_attention: lengths must be in [0, Lmax] = [0, ", s.Lmax, "], got ",
-              bad < 0 ? 0 : decode_load_index(p.lengths, p.lengths_type, bad * p.lengths_stride), " at sequence ", bad);
+  decode_check_length_values("decode_attention", LengthsRule::kAttention, lengths, nullptr, s.Lmax, ValueCheck::kLoop);
   if (out.numel() == 0) return out.to(q.scalar_type());
   run_tasks(p);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
@@ -77,13 +65,7 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const
   at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options().dtype(at::kFloat));
   DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
   decode_step_params(p, k_new, v_new, keep);
-  const int64_t bad = first_length_outside(p.lengths_type, p.lengths, p.lengths_stride, s.B, 0, s.Lmax - 1);
-  if (bad >= 0) {
-    const int64_t n = decode_load_index(p.lengths, p.lengths_type, bad * p.lengths_stride);
-    TORCH_CHECK(n != s.Lmax, op, ": the cache of sequence ", bad, " is full (lengths[", bad, "] = Lmax = ", s.Lmax,
-                "): the token needs a free row even where it is not kept; allocate a longer cache");
-    TORCH_CHECK(false, op, ": lengths must be in [0, Lmax - 1] = [0, ", s.Lmax - 1, "], got ", n, " at sequence ", bad);
-  }
+  decode_check_length_values(op, LengthsRule::kStep, lengths, nullptr, s.Lmax, ValueCheck::kLoop);
   run_tasks(p);  // also where G == 0: the tasks write the kept rows
   bump_kept_lengths(lengths.data_ptr(), p.lengths_type, p.lengths_stride, p.keep, p.keep_stride, s.B);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
@@ -95,14 +77,7 @@ void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
                    const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep) {
   const KvAppendParams p = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep);
   if (p.B == 0) return;
-  const int64_t bad = first_length_outside(p.lengths_type, p.lengths, p.lengths_stride, p.B, 0, p.Lmax);
-  TORCH_CHECK(bad < 0, "kv_append: lengths must be in [0, Lmax] = [0, ", p.Lmax, "], got ",
-              bad < 0 ? 0 : decode_load_index(p.lengths, p.lengths_type, bad * p.lengths_stride), " at sequence ", bad);
-  for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t n = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-    TORCH_CHECK(!p.keep[b * p.keep_stride] || n < p.Lmax, "kv_append: the cache of sequence ", b,
-                " is full (lengths[", b, "] = Lmax = ", p.Lmax, "); allocate a longer cache");
-  }
+  decode_check_length_values("kv_append", LengthsRule::kAppend, lengths, &keep, p.Lmax, ValueCheck::kLoop);
   const int64_t elem = k_cache.element_size();
   at::parallel_for(0, p.B * p.Hkv, std::max<int64_t>(1, 8192 / std::max<int64_t>(p.D, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

@@ -2,7 +2,7 @@
 //
 // decode_attention is flash-decoding (split-K over the cache) with the CPU core's arithmetic (decode.h),
 // so the two devices return bit-identical results:
-//   decode_chunk_kernel    grid (B * Hkv, ceil(Lmax / 32)): a block owns one chunk of 32 keys of one
+//   decode_chunk_kernel    grid (B * Hkv, min(ceil(Lmax / 32), 65535)): a block owns a chunk of 32 keys of one
 //                          (sequence, kv-head). It stages the chunk's keys as fp32 in shared memory
 //                          (16-byte vector loads when the rows allow), 8 half-warps compute the scores of
 //                          all G query heads against it (16 lanes of partial sums, a butterfly for the
@@ -88,13 +88,16 @@ __device__ __forceinline__ void stage_rows(float* tile, const scalar_t* base, in
   }
 }
 
-// The rows sequence b attends: its len_cache cache rows, then (decode_step) the token's own row.
+// The rows sequence b attends: its len_cache cache rows, then (decode_step) the token's own row. The host has
+// checked the lengths; one out of range anyway is clamped into [0, Lmax - own row], so no access leaves the
+// cache (the assert is for diagnosis only).
 __device__ __forceinline__ int64_t attended_rows(const DecodeAttentionParams& p, int64_t b, int64_t& len_cache) {
+  const int64_t own = p.k_new != nullptr ? 1 : 0;
   len_cache = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  const int64_t len = len_cache + (p.k_new != nullptr ? 1 : 0);
-  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len <= p.Lmax &&
+  FASTVQ_KERNEL_ASSERT(len_cache >= 0 && len_cache + own <= p.Lmax &&
                        "decode: lengths must be in [0, Lmax] (decode_attention), [0, Lmax - 1] (decode_step)");
-  return len;
+  len_cache = len_cache < 0 ? 0 : (len_cache > p.Lmax - own ? p.Lmax - own : len_cache);
+  return len_cache + own;
 }
 
 // row[0, Dp) = one row (stride_d) as fp32, zero past D: decode_step's own key or value.
@@ -104,12 +107,11 @@ __device__ __forceinline__ void stage_self(float* row, const scalar_t* src, int6
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const DecodeAttentionParams p) {
-  FASTVQ_DYNAMIC_SHARED(float, smem);
+__device__ __forceinline__ void decode_chunk_block(const DecodeAttentionParams& p, float* smem, int64_t c) {
   const int64_t C = kDecodeChunk, G = p.G, D = p.D, Dp = p.Dp;
   float* tile = smem;         // [C, Dp] the chunk's keys, then its values
   float* sc = smem + C * Dp;  // [G, C] scores, then probabilities
-  const int64_t bh = blockIdx.x, c = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int64_t bh = blockIdx.x, b = bh / p.Hkv, h = bh % p.Hkv;
   int64_t len_cache;
   const int64_t len = attended_rows(p, b, len_cache);
   const int64_t t0 = c * C;
@@ -187,6 +189,17 @@ __global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const Decod
   }
 }
 
+// Grid (B * Hkv, min(chunks, 65535)): a block loops over chunks blockIdx.y, + gridDim.y, ... (caches longer
+// than 65535 chunks pass CUDA's grid.y limit, as on the CPU).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChunkThreads) decode_chunk_kernel(const DecodeAttentionParams p) {
+  FASTVQ_DYNAMIC_SHARED(float, smem);
+  for (int64_t c = blockIdx.y; c < p.num_chunks; c += gridDim.y) {
+    if (c != blockIdx.y) __syncthreads();  // the previous chunk's readers of shared memory are done
+    decode_chunk_block<scalar_t>(p, smem, c);
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeAttentionParams p) {
   const int64_t bq = blockIdx.x, b = bq / p.Hq, hq = bq % p.Hq, h = hq / p.G, g = hq % p.G, bh = b * p.Hkv + h;
@@ -217,7 +230,9 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_copy_kernel(const Kv
   const int64_t bh = blockIdx.x, b = bh / p.Hkv, h = bh % p.Hkv;
   if (!p.keep[b * p.keep_stride]) return;
   const int64_t n = decode_load_index(p.lengths, p.lengths_type, b * p.lengths_stride);
-  FASTVQ_KERNEL_ASSERT(n >= 0 && n < p.Lmax && "kv_append: a sequence to append to has a full cache (or lengths out of range)");
+  const bool free_row = n >= 0 && n < p.Lmax;  // checked on the host; guarded here all the same
+  FASTVQ_KERNEL_ASSERT(free_row && "kv_append: a sequence to append to has a full cache (or lengths out of range)");
+  if (!free_row) return;
   scalar_t* kc = static_cast<scalar_t*>(p.k_cache) + b * p.kc_stride_b + h * p.kc_stride_h + n * p.kc_stride_l;
   scalar_t* vc = static_cast<scalar_t*>(p.v_cache) + b * p.vc_stride_b + h * p.vc_stride_h + n * p.vc_stride_l;
   const scalar_t* kn = static_cast<const scalar_t*>(p.k_new) + b * p.kn_stride_b + h * p.kn_stride_h;
@@ -232,9 +247,10 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_lengths_kernel(const
   const int64_t b = int64_t(blockIdx.x) * kAppendThreads + threadIdx.x;
   if (b >= p.B || !p.keep[b * p.keep_stride]) return;
   const int64_t i = b * p.lengths_stride;
-  FASTVQ_KERNEL_ASSERT(decode_load_index(p.lengths, p.lengths_type, i) < p.Lmax &&
-                       "kv_append: a sequence to append to has a full cache");
-  decode_store_index(p.lengths, p.lengths_type, i, decode_load_index(p.lengths, p.lengths_type, i) + 1);
+  const int64_t n = decode_load_index(p.lengths, p.lengths_type, i);
+  const bool free_row = n >= 0 && n < p.Lmax;  // as kv_append_copy_kernel: no row written, no bump
+  FASTVQ_KERNEL_ASSERT(free_row && "kv_append: a sequence to append to has a full cache");
+  if (free_row) decode_store_index(p.lengths, p.lengths_type, i, n + 1);
 }
 
 // f(scalar_t{}) for the three cache dtypes (the checks have rejected others).
@@ -270,15 +286,16 @@ void launch_attention(DecodeAttentionParams& p, const DecodeAttentionShape& s, c
   p.part_ml = part_ml.data_ptr<float>();
   p.k_vec = rows_vectorisable(k_cache);
   p.v_vec = rows_vectorisable(v_cache);
-  TORCH_CHECK(s.B * s.Hkv <= 0x7fffffff && s.B * s.Hq <= 0x7fffffff && p.num_chunks <= 65535, op,
-              ": the problem is too large for one launch (B * Hq = ", s.B * s.Hq, ", Lmax = ", s.Lmax, ")");
+  TORCH_CHECK(s.B * s.Hkv <= 0x7fffffff && s.B * s.Hq <= 0x7fffffff, op,
+              ": the problem is too large for one launch (B * Hq = ", s.B * s.Hq, ")");
   const size_t smem = static_cast<size_t>(kDecodeChunk * p.Dp + s.G * kDecodeChunk) * sizeof(float);
   decode_dispatch(q.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto stream = FASTVQ_CUDA_STREAM();
     if (p.num_chunks > 0) {
       FASTVQ_LAUNCH_KERNEL(decode_chunk_kernel<scalar_t>,
-                           dim3(static_cast<unsigned>(s.B * s.Hkv), static_cast<unsigned>(p.num_chunks)),
+                           dim3(static_cast<unsigned>(s.B * s.Hkv),
+                                static_cast<unsigned>(std::min<int64_t>(p.num_chunks, 65535))),
                            dim3(kChunkThreads), smem, stream, p);
       FASTVQ_CUDA_LAUNCH_CHECK();
     }
@@ -312,6 +329,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const std::optional<at::Tensor>& bias) {
   FASTVQ_CUDA_DEVICE_GUARD(q.device());
   const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale);
+  decode_check_length_values("decode_attention", LengthsRule::kAttention, lengths, nullptr, s.Lmax, cuda_value_check());
   at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options());
   if (out.numel() == 0) return out;
   DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);
@@ -323,12 +341,13 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
                     const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keep) {
   FASTVQ_CUDA_DEVICE_GUARD(k_cache.device());
   const KvAppendParams p = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep);
+  decode_check_length_values("kv_append", LengthsRule::kAppend, lengths, &keep, p.Lmax, cuda_value_check());
   launch_append(p, k_cache.scalar_type(), "kv_append");
 }
 
 // decode_step: the attention over the cache and the token's own row, then the append of the kept rows
-// (stream order: every attention block has read its lengths before they change). Lengths out of range
-// trip a device-side assert.
+// (stream order: every attention block has read its lengths before they change). The lengths are checked on
+// the host first (one device reduction), with the CPU's messages.
 at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, const at::Tensor& k_new, const at::Tensor& v_new,
                             const at::Tensor& keep, std::optional<double> scale, const std::optional<at::Tensor>& bias) {
@@ -336,6 +355,7 @@ at::Tensor decode_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, cons
   FASTVQ_CUDA_DEVICE_GUARD(q.device());
   const DecodeAttentionShape s = decode_attention_check(q, k_cache, v_cache, lengths, bias, scale, op);
   const KvAppendParams ap = kv_append_check(k_cache, v_cache, lengths, k_new, v_new, keep, op);
+  decode_check_length_values(op, LengthsRule::kStep, lengths, nullptr, s.Lmax, cuda_value_check());
   at::Tensor out = at::empty({s.B, s.Hq, s.D}, q.options());
   if (out.numel() > 0) {
     DecodeAttentionParams p = decode_attention_params(s, q, k_cache, v_cache, lengths, bias, scale, out);

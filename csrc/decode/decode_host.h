@@ -25,6 +25,42 @@ inline void decode_check_lengths(const char* op, const at::Tensor& lengths, int6
               lengths.device());
 }
 
+// What lengths [B] must satisfy, by op:
+//   kAttention  decode_attention: every length in [0, Lmax]
+//   kAppend     kv_append: every length in [0, Lmax], and < Lmax where keep (a free row to append to)
+//   kStep       decode_step: every length in [0, Lmax - 1] (the token needs a free row even where not kept)
+enum class LengthsRule { kAttention, kAppend, kStep };
+
+// The value check of lengths (and keep, for kAppend), shared by both backends (ValueCheck: host_utils.h).
+inline void decode_check_length_values(const char* op, LengthsRule rule, const at::Tensor& lengths,
+                                       const at::Tensor* keep, int64_t Lmax, ValueCheck how) {
+  const int64_t hi = rule == LengthsRule::kStep ? Lmax - 1 : Lmax;
+  auto reduction_ok = [&](const at::Tensor& t) {
+    if (!all_within(t, 0, hi)) return false;
+    // kv_append: lengths + keep <= Lmax is "a free row wherever keep"
+    return rule != LengthsRule::kAppend || all_within(t.to(at::kLong).add(keep->to(at::kLong)), 0, Lmax);
+  };
+  auto loop = [&](const at::Tensor& t) {
+    const int64_t bad = first_outside(t, 0, hi);
+    if (bad >= 0) {
+      const int64_t n = int_at(t, bad);
+      TORCH_CHECK(rule != LengthsRule::kStep || n != Lmax, op, ": the cache of sequence ", bad, " is full (lengths[",
+                  bad, "] = Lmax = ", Lmax, "): the token needs a free row even where it is not kept; allocate a ",
+                  "longer cache");
+      TORCH_CHECK(false, op, ": lengths must be in [0, ", rule == LengthsRule::kStep ? "Lmax - 1] = [0, " : "Lmax] = [0, ",
+                  hi, "], got ", n, " at sequence ", bad);
+    }
+    if (rule != LengthsRule::kAppend) return;
+    const at::Tensor k = keep->cpu();
+    const bool* kp = k.const_data_ptr<bool>();
+    for (int64_t b = 0; b < t.numel(); ++b) {
+      TORCH_CHECK(!kp[b * k.stride(0)] || int_at(t, b) < Lmax, op, ": the cache of sequence ", b, " is full (lengths[",
+                  b, "] = Lmax = ", Lmax, "); allocate a longer cache");
+    }
+  };
+  check_values(how, lengths, reduction_ok, loop);
+}
+
 struct DecodeAttentionShape {
   int64_t B, Hq, Hkv, G, Lmax, D;
 };

@@ -8,7 +8,7 @@
 #include <string>
 #include <string_view>
 
-#include "cuda_emu/cuda_emu.h"
+#include "common/cuda_compat.h"
 #include "schemas.h"
 
 namespace {
@@ -32,6 +32,10 @@ void set_mode(std::string_view name) {
   else TORCH_CHECK(false, "fastvq_emu._set_mode: mode must be fibers or threads, got \"", std::string(name), "\"");
 }
 
+// Unchecked mode: the .cu host code skips its value checks and FASTVQ_KERNEL_ASSERT is off, so bad indices,
+// sizes and lengths reach the kernels, whose own guards must keep them in bounds (tests, under ASan).
+void set_unchecked(bool unchecked) { fastvq::emu_unchecked().store(unchecked); }
+
 }  // namespace
 
 TORCH_LIBRARY(fastvq_emu, m) {
@@ -40,4 +44,5 @@ TORCH_LIBRARY(fastvq_emu, m) {
 #undef FASTVQ_DEFINE_OP
   m.def("_set_schedule(str schedule, int seed=0) -> ()", &set_schedule);
   m.def("_set_mode(str mode) -> ()", &set_mode);
+  m.def("_set_unchecked(bool unchecked) -> ()", &set_unchecked);
 }

@@ -137,10 +137,8 @@ at::Tensor lfq_codes_from_ids_cpu(const at::Tensor& ids, int64_t dim, int64_t gr
       }
     });
   });
-  if (const int64_t bad = first_bad.load(); bad >= 0) {
-    TORCH_CHECK(false, "lfq_codes_from_ids: ids must be in [0, 2^", g, "), got ", ip[(bad / G) * sn + (bad % G) * sg],
-                " at row ", bad / G, ", group ", bad % G);
-  }
+  // The kernel found a bad id (and skipped its group); the shared check names the first one.
+  if (first_bad.load() >= 0) lfq_check_ids(ids2, g, ValueCheck::kLoop);
   return codes;
 }
 

@@ -3,15 +3,18 @@
 // row kernels.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -94,6 +97,18 @@ inline LfqUnpackSetup lfq_codes_from_ids_setup(const at::Tensor& ids, int64_t di
   return s;
 }
 
+// Every id of ids2 [N, G] must be in [0, 2^g): the first one that is not is named.
+inline void lfq_check_ids(const at::Tensor& ids2, int64_t g, ValueCheck how) {
+  const int64_t hi = g >= 63 ? std::numeric_limits<int64_t>::max() : (int64_t{1} << g) - 1;
+  check_values(
+      how, ids2, [&](const at::Tensor& t) { return all_within(t, 0, hi); },
+      [&](const at::Tensor& t) {
+        const int64_t bad = first_outside(t, 0, hi), G = t.size(1);
+        TORCH_CHECK(bad < 0, "lfq_codes_from_ids: ids must be in [0, 2^", g, "), got ", int_at(t, bad), " at row ",
+                    bad / G, ", group ", bad % G);
+      });
+}
+
 // ---- entropy ---------------------------------------------------------------------------------------
 
 struct LfqEntropyShape {
@@ -113,6 +128,46 @@ inline LfqEntropyShape lfq_entropy_shape(const at::Tensor& z, double temperature
   const int64_t a = g / 2;
   return {N, D, g, D / g, a, g - a};
 }
+
+// The entropy's GEMMs (and every other ATen call of the orchestration) in IEEE fp32 for fp32/half/bf16 z, as
+// the docs promise, whatever the caller's settings: autocast (whose CPU and CUDA kernels would run bmm in
+// bf16/fp16: the dispatch keys are excluded for this thread), and torch.backends.cuda.matmul.allow_tf32 /
+// torch.set_float32_matmul_precision("high" | "medium") (TF32 on CUDA, bf16 or TF32 in oneDNN on CPUs that
+// have them). Those two are process-wide settings with no per-call form, so while an entropy runs they are
+// IEEE and then restored, under a mutex that orders concurrent entropies; a matmul another thread runs in
+// that window is computed in IEEE fp32 too (more precise, never less). Nothing is written when the settings
+// already say IEEE.
+class LfqFp32Gemms {
+ public:
+  LfqFp32Gemms() {
+    auto& ctx = at::globalContext();
+    cuda_ = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+    onednn_ = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+    if (cuda_ == at::Float32Precision::IEEE && onednn_ == at::Float32Precision::IEEE) return;
+    lock_ = std::unique_lock<std::mutex>(mutex());
+    cuda_ = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);  // (re-read under the lock)
+    onednn_ = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+    ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+    ctx.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  }
+  ~LfqFp32Gemms() {
+    if (!lock_.owns_lock()) return;
+    auto& ctx = at::globalContext();
+    ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, cuda_);
+    ctx.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, onednn_);
+  }
+  LfqFp32Gemms(const LfqFp32Gemms&) = delete;
+  LfqFp32Gemms& operator=(const LfqFp32Gemms&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  c10::impl::ExcludeDispatchKeyGuard no_autocast_{c10::autocast_dispatch_keyset};
+  at::Float32Precision cuda_, onednn_;
+  std::unique_lock<std::mutex> lock_;
+};
 
 // Rows per chunk: P_A and P_B of a chunk take at most ~64 MB.
 inline int64_t lfq_chunk_rows(const LfqEntropyShape& s, int64_t elem) {
@@ -135,6 +190,7 @@ template <typename acc_t, typename RunRows>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_forward_impl(const at::Tensor& z, double temperature,
                                                                         int64_t group_bits, RunRows&& run_rows) {
   const LfqEntropyShape s = lfq_entropy_shape(z, temperature, group_bits);
+  const LfqFp32Gemms fp32_gemms;
   const auto opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor z2 = z.reshape({s.N, s.D});
   at::Tensor probs_t = at::zeros({s.G, int64_t{1} << s.b, int64_t{1} << s.a}, opts);  // [G, 2^b, 2^a]
@@ -166,6 +222,7 @@ at::Tensor lfq_entropy_backward_impl(const std::optional<at::Tensor>& grad_sampl
                                      const at::Tensor& code_probs, double temperature, int64_t group_bits,
                                      RunRows&& run_rows) {
   const LfqEntropyShape s = lfq_entropy_shape(z, temperature, group_bits);
+  const LfqFp32Gemms fp32_gemms;
   const auto opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   TORCH_CHECK(code_probs.sizes() == at::IntArrayRef({s.G, int64_t{1} << s.g}) && code_probs.scalar_type() == opts.dtype(),
               "lfq_entropy_backward: code_probs must be the forward's [G, 2^g] output, got ", code_probs.sizes());

@@ -54,7 +54,10 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cpu(const at::Tensor& z, const at:
 at::Tensor mcq_gather_cpu(const at::Tensor& indices, const at::Tensor& codebooks) {
   const McqShape s = check_mcq_gather_args(indices, codebooks);
   at::Tensor out = mcq_gather_output(indices, codebooks);
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) {
+    if (s.N * s.G > 0) mcq_gather_check_indices(indices.reshape({s.N, s.G}), s.K, ValueCheck::kLoop);  // d == 0
+    return out;
+  }
   const at::Tensor idx2 = indices.reshape({s.N, s.G});
   const McqGatherParams p = mcq_gather_params(idx2, codebooks, s, out);
   const DType dt = to_dtype(codebooks.scalar_type());
@@ -67,11 +70,8 @@ at::Tensor mcq_gather_cpu(const at::Tensor& indices, const at::Tensor& codebooks
       }
     }
   });
-  if (const int64_t bad = first_bad.load(); bad >= 0) {
-    const int64_t n = bad / s.G, g = bad % s.G;
-    TORCH_CHECK_INDEX(false, "mcq_gather: indices must be in [0, K) = [0, ", s.K, "), got ", idx2[n][g].item<int64_t>(),
-                      " at row ", n, ", group ", g);
-  }
+  // The kernel found a bad index (and wrote NaN rows); the shared check names the first one.
+  if (first_bad.load() >= 0) mcq_gather_check_indices(idx2, s.K, ValueCheck::kLoop);
   return out;
 }
 

@@ -4,7 +4,7 @@
 // both devices return bit-identical indices and scores:
 //   mcq_prepare_kernel  one thread per code: convert, normalise (cosine), transpose to [G, d, K_pad],
 //                       bias = -||c||^2/2 (l2) or 0 (cosine), -inf for non-finite codes and padding.
-//   mcq_search_kernel   grid (row blocks, G). A block owns 64 rows of one group: 8 warps x 8 rows.
+//   mcq_search_kernel   grid (row blocks, G; 65535 groups per launch). A block owns 64 rows of one group: 8 warps x 8 rows.
 //                       Code tiles of 128 go through shared memory in d-chunks of 32; each lane scores
 //                       4 codes (lane + 32 c) of the tile for all 8 rows of its warp, keeps a running
 //                       best per row, and the warp reduces (value, index) pairs with the shared tie rule.
@@ -89,6 +89,7 @@ __global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchPar
     den_s[tid] = p.metric == McqMetric::kCosine ? mcq_cosine_denominator(sum_sq) : 1.f;
     ok_s[tid] = (n < p.N && finite) ? 1 : 0;
   }
+  __syncthreads();  // den_s / ok_s are read by every warp (with d == 0 no chunk barrier below would run)
 
   float best_v[kRowsPerWarp];
   int best_k[kRowsPerWarp];
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchPar
     }
     for (int64_t d0 = 0; d0 < d; d0 += kDChunk) {
       const int dc = static_cast<int>(d - d0 < kDChunk ? d - d0 : kDChunk);
-      __syncthreads();  // the previous chunk's readers are done (and den_s/ok_s are visible)
+      __syncthreads();  // the previous chunk's readers are done
       if (!z_resident || k0 == 0) {
         for (int i = tid; i < kBlockRows * kDChunk; i += kThreads) {
           const int r = i / kDChunk, j = i % kDChunk;
@@ -203,8 +204,8 @@ __global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchPar
   }
 }
 
-// One thread per output element of [N, G, d]; an out-of-range index trips a device assert and its
-// row is filled with NaN (never an out-of-bounds read).
+// One thread per output element of [N, G, d]. The host has checked the indices; were one out of range
+// anyway, its row is filled with NaN (never an out-of-bounds read) and the assert (diagnosis only) trips.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(256) mcq_gather_kernel(const McqGatherParams p) {
   const scalar_t* cb = static_cast<const scalar_t*>(p.codebooks);
@@ -228,7 +229,6 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
                                                    std::string_view metric) {
   const McqMetric m = parse_mcq_metric(metric);
   const McqShape s = check_mcq_search_args(z, codebooks);
-  TORCH_CHECK(s.G <= 65535, "mcq_search: at most 65535 codebooks (G) on CUDA, got ", s.G);
   FASTVQ_CUDA_DEVICE_GUARD(z.device());
   auto [indices, scores] = mcq_search_outputs(z);
   if (s.N == 0 || s.G == 0) return {indices, scores};
@@ -247,12 +247,24 @@ std::tuple<at::Tensor, at::Tensor> mcq_search_cuda(const at::Tensor& z, const at
 
   const auto stream = FASTVQ_CUDA_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mcq_search_cuda", [&] {
-    const dim3 prep_grid(static_cast<unsigned>((p.K_pad + kPrepThreads - 1) / kPrepThreads), static_cast<unsigned>(s.G));
-    FASTVQ_LAUNCH_KERNEL(mcq_prepare_kernel<scalar_t>, prep_grid, dim3(kPrepThreads), 0, stream, p);
-    FASTVQ_CUDA_LAUNCH_CHECK();
-    const dim3 grid(static_cast<unsigned>((s.N + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(s.G));
-    FASTVQ_LAUNCH_KERNEL(mcq_search_kernel<scalar_t>, grid, dim3(kThreads), 0, stream, p);
-    FASTVQ_CUDA_LAUNCH_CHECK();
+    // Groups go on grid.y (at most 65535): more groups take more launches, each on params whose group-indexed
+    // pointers start at its first group g0 (the output row stride stays p.G).
+    for (int64_t g0 = 0; g0 < s.G; g0 += 65535) {
+      McqSearchParams q = p;
+      q.z = static_cast<const scalar_t*>(p.z) + g0 * p.z_stride_g;
+      q.codebooks = static_cast<const scalar_t*>(p.codebooks) + g0 * p.cb_stride_g;
+      q.cb_prep = p.cb_prep + g0 * p.d * p.K_pad;
+      q.bias_prep = p.bias_prep + g0 * p.K_pad;
+      q.indices = p.indices + g0;
+      q.scores = p.scores + g0;
+      const unsigned gy = static_cast<unsigned>(std::min<int64_t>(s.G - g0, 65535));
+      const dim3 prep_grid(static_cast<unsigned>((p.K_pad + kPrepThreads - 1) / kPrepThreads), gy);
+      FASTVQ_LAUNCH_KERNEL(mcq_prepare_kernel<scalar_t>, prep_grid, dim3(kPrepThreads), 0, stream, q);
+      FASTVQ_CUDA_LAUNCH_CHECK();
+      const dim3 grid(static_cast<unsigned>((s.N + kBlockRows - 1) / kBlockRows), gy);
+      FASTVQ_LAUNCH_KERNEL(mcq_search_kernel<scalar_t>, grid, dim3(kThreads), 0, stream, q);
+      FASTVQ_CUDA_LAUNCH_CHECK();
+    }
   });
   return {indices, scores};
 }
@@ -262,6 +274,7 @@ at::Tensor mcq_gather_cuda(const at::Tensor& indices, const at::Tensor& codebook
   const McqShape s = check_mcq_gather_args(indices, codebooks);
   FASTVQ_CUDA_DEVICE_GUARD(codebooks.device());
   at::Tensor out = mcq_gather_output(indices, codebooks);
+  if (s.N * s.G > 0) mcq_gather_check_indices(indices.reshape({s.N, s.G}), s.K, cuda_value_check());
   if (out.numel() == 0) return out;
   const at::Tensor idx2 = indices.reshape({s.N, s.G});
   const McqGatherParams p = mcq_gather_params(idx2, codebooks, s, out);

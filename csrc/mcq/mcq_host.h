@@ -88,6 +88,19 @@ inline McqShape check_mcq_gather_args(const at::Tensor& indices, const at::Tenso
   return {leading_numel(indices, 1), G, K, d};
 }
 
+// Every index of idx2 [N, G] (int64 / int32) must be in [0, K): an IndexError naming the first one that is not.
+inline void mcq_gather_check_indices(const at::Tensor& idx2, int64_t K, ValueCheck how) {
+  check_values(
+      how, idx2, [&](const at::Tensor& t) { return all_within(t, 0, K - 1); },
+      [&](const at::Tensor& t) {
+        const int64_t bad = first_outside(t, 0, K - 1);
+        if (bad < 0) return;
+        const int64_t G = t.size(1);
+        TORCH_CHECK_INDEX(false, "mcq_gather: indices must be in [0, K) = [0, ", K, "), got ", int_at(t, bad),
+                          " at row ", bad / G, ", group ", bad % G);
+      });
+}
+
 inline at::Tensor mcq_gather_output(const at::Tensor& indices, const at::Tensor& codebooks) {
   auto shape = indices.sizes().vec();
   shape.push_back(codebooks.size(2));

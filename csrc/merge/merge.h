@@ -94,6 +94,12 @@ FASTVQ_HOST_DEVICE T merge_neg_inf() {
   return -static_cast<T>(INFINITY);
 }
 
+// A quiet NaN: what a guarded kernel writes for an element whose index was out of range.
+template <typename T>
+FASTVQ_HOST_DEVICE T merge_nan() {
+  return static_cast<T>(NAN);
+}
+
 // 1 / max(||row||, eps) with ||row||^2 as an fma chain in channel order. Inputs convert exactly to T
 // (T is float for half/bfloat16/float metrics and double for a double metric).
 template <typename scalar_t, typename T>

@@ -195,13 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Ten
   MergeSetup s = bipartite_merge_setup(x, metric, sizes, r, protect_first);
   const MergeParams& p = s.p;
   if (p.B > 0 && p.T > 0) {
-    // sizes must be positive (a NaN fails too): the merge divides by their sums
-    const auto* sz = s.sizes_acc.data_ptr();
-    const bool dbl = s.sizes_acc.scalar_type() == at::kDouble;
-    for (int64_t q = 0; q < p.B * p.T; ++q) {
-      const double v = dbl ? static_cast<const double*>(sz)[q] : static_cast<const float*>(sz)[q];
-      TORCH_CHECK(v > 0, "bipartite_merge: sizes must be > 0, got sizes[", q / p.T, ", ", q % p.T, "] = ", v);
-    }
+    merge_check_sizes(s.sizes_acc, ValueCheck::kLoop);
     if (p.nB > 0 && p.r > 0) {
       if (s.score_type == at::kDouble) match_double(p);
       else match_float(p, metric);
@@ -229,11 +223,7 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad, const at::Tensor
   const int64_t B = grad.size(0), Tm = grad.size(1), C = grad.size(2), T = assign.size(1);
   const int64_t* a = assign.data_ptr<int64_t>();
   const int64_t a_sb = assign.stride(0), a_st = assign.stride(1);
-  for (int64_t q = 0; q < B * T; ++q) {
-    const int64_t v = a[(q / T) * a_sb + (q % T) * a_st];
-    TORCH_CHECK(v >= 0 && v < Tm, "bipartite_merge_backward: assign[", q / T, ", ", q % T, "] = ", v,
-                " is out of range [0, ", Tm, ") (the tokens of grad_merged)");
-  }
+  merge_check_assign(assign, Tm, ValueCheck::kLoop);
   if (s.grad_x.numel() == 0) return s.grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "bipartite_merge_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -259,22 +249,12 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad, const at::Tensor
   return s.grad_x;
 }
 
-// Every source entry must name a token in [0, T): the first one that does not is reported.
-void check_source_range(const char* op, const UnmergeParams& p, int64_t T, const char* what) {
-  for (int64_t b = 0; b < p.B; ++b) {
-    for (int64_t q = 0; q < p.T0; ++q) {
-      const int64_t v = p.source[b * p.src_sb + q * p.src_st];
-      TORCH_CHECK(v >= 0 && v < T, op, ": source[", b, ", ", q, "] = ", v, " is out of range [0, ", T, ") (", what, ")");
-    }
-  }
-}
-
 at::Tensor compose_source_cpu(const at::Tensor& source, const at::Tensor& assign) {
   at::Tensor out = compose_source_setup(source, assign);
   UnmergeParams p;
   p.B = source.size(0), p.T0 = source.size(1);
   p.source = source.data_ptr<int64_t>(), p.src_sb = source.stride(0), p.src_st = source.stride(1);
-  check_source_range("compose_source", p, assign.size(1), "the tokens of assign");
+  merge_check_source_range("compose_source", source, assign.size(1), "the tokens of assign", ValueCheck::kLoop);
   const int64_t* a = assign.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
   const int64_t a_sb = assign.stride(0), a_st = assign.stride(1);
@@ -290,7 +270,7 @@ at::Tensor compose_source_cpu(const at::Tensor& source, const at::Tensor& assign
 at::Tensor unmerge_cpu(const at::Tensor& merged, const at::Tensor& source) {
   at::Tensor out = unmerge_setup(merged, source);
   const UnmergeParams p = unmerge_params(merged, source, out, merged.size(1));
-  check_source_range("unmerge", p, p.T, "the tokens of merged");
+  merge_check_source_range("unmerge", source, p.T, "the tokens of merged", ValueCheck::kLoop);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, merged.scalar_type(), "unmerge_cpu", [&] {
     const scalar_t* in = static_cast<const scalar_t*>(p.merged);
@@ -312,7 +292,7 @@ at::Tensor unmerge_cpu(const at::Tensor& merged, const at::Tensor& source) {
 at::Tensor unmerge_backward_cpu(const at::Tensor& grad, const at::Tensor& source, int64_t num_tokens) {
   at::Tensor out = unmerge_backward_setup(grad, source, num_tokens);
   const UnmergeParams p = unmerge_params(grad, source, out, num_tokens);
-  check_source_range("unmerge_backward", p, num_tokens, "num_tokens");
+  merge_check_source_range("unmerge_backward", source, num_tokens, "num_tokens", ValueCheck::kLoop);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unmerge_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

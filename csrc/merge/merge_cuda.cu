@@ -179,15 +179,6 @@ __global__ void __launch_bounds__(kSelectThreads) merge_select_kernel(const Merg
   merge_build_segments(nA, nB, [best](int64_t i) { return best[i]; }, seg_off, seg_items, part);
 }
 
-// sizes must be positive (NaN fails too): the merge divides by their sums. Its own kernel: an assert inside
-// the merge loop makes ptxas spill (the assert is a call).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) merge_check_sizes_kernel(const acc_t* sizes, int64_t n) {
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += int64_t(gridDim.x) * blockDim.x) {
-    FASTVQ_KERNEL_ASSERT(sizes[q] > acc_t(0) && "bipartite_merge: sizes must be > 0");
-  }
-}
-
 // Step 5: one output token per block, threads over channels.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads) merge_slots_kernel(const MergeParams p) {
@@ -234,7 +225,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < B * T * C; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = e / C, c = e % C, b = q / T;
     const int64_t slot = assign[b * a_sb + (q % T) * a_st];
-    FASTVQ_KERNEL_ASSERT(slot >= 0 && slot < Tm && "bipartite_merge_backward: assign out of range");
+    const bool in_range = slot >= 0 && slot < Tm;  // checked on the host; guarded here all the same
+    FASTVQ_KERNEL_ASSERT(in_range && "bipartite_merge_backward: assign out of range");
+    if (!in_range) {
+      out[e] = static_cast<scalar_t>(merge_nan<acc_t>());
+      continue;
+    }
     const acc_t w = merge_grad_weight(w_sizes[q], w_merged[b * Tm + slot]);
     out[e] = static_cast<scalar_t>(merge_mul(static_cast<acc_t>(grad[b * g_sb + slot * g_st + c * g_sc]), w));
   }
@@ -245,8 +241,9 @@ __global__ void __launch_bounds__(kThreads)
                           int64_t a_st, int64_t B, int64_t T0, int64_t T, int64_t* out) {
   for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < B * T0; q += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = q / T0, v = source[b * src_sb + (q % T0) * src_st];
-    FASTVQ_KERNEL_ASSERT(v >= 0 && v < T && "compose_source: source out of range [0, T)");
-    out[q] = assign[b * a_sb + v * a_st];
+    const bool in_range = v >= 0 && v < T;  // checked on the host; guarded here all the same
+    FASTVQ_KERNEL_ASSERT(in_range && "compose_source: source out of range [0, T)");
+    out[q] = in_range ? assign[b * a_sb + v * a_st] : int64_t(-1);
   }
 }
 
@@ -257,12 +254,14 @@ __global__ void __launch_bounds__(kThreads) unmerge_kernel(const UnmergeParams p
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.B * p.T0 * p.C; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = e / p.C, c = e % p.C, b = q / p.T0;
     const int64_t v = p.source[b * p.src_sb + (q % p.T0) * p.src_st];
-    FASTVQ_KERNEL_ASSERT(v >= 0 && v < p.T && "unmerge: source out of range [0, T)");
-    out[e] = in[b * p.in_sb + v * p.in_st + c * p.in_sc];
+    const bool in_range = v >= 0 && v < p.T;  // checked on the host; guarded here all the same
+    FASTVQ_KERNEL_ASSERT(in_range && "unmerge: source out of range [0, T)");
+    out[e] = in_range ? in[b * p.in_sb + v * p.in_st + c * p.in_sc] : static_cast<scalar_t>(merge_nan<float>());
   }
 }
 
-// unmerge_backward, part 1 (a block per image): the positions p of each token j, ascending.
+// unmerge_backward, part 1 (a block per image): the positions p of each token j, ascending. A source entry
+// outside [0, T) (checked on the host) belongs to no segment: it is dropped, never an out-of-bounds write.
 __global__ void __launch_bounds__(kSelectThreads) unmerge_segments_kernel(const UnmergeParams p) {
   __shared__ int64_t part[kSelectThreads + 1];
   const int64_t b = blockIdx.x;
@@ -332,14 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Te
                 p.B * (p.T - p.r));
     const auto stream = FASTVQ_CUDA_STREAM();
     const bool dbl = s.score_type == at::kDouble;
-    if (s.sizes_acc.scalar_type() == at::kDouble) {
-      FASTVQ_LAUNCH_KERNEL(merge_check_sizes_kernel<double>, dim3(grid_for(p.B * p.T, kThreads)), dim3(kThreads), 0,
-                           stream, s.sizes_acc.data_ptr<double>(), p.B * p.T);
-    } else {
-      FASTVQ_LAUNCH_KERNEL(merge_check_sizes_kernel<float>, dim3(grid_for(p.B * p.T, kThreads)), dim3(kThreads), 0,
-                           stream, s.sizes_acc.data_ptr<float>(), p.B * p.T);
-    }
-    FASTVQ_CUDA_LAUNCH_CHECK();
+    merge_check_sizes(s.sizes_acc, cuda_value_check());
     if (p.nB > 0 && p.r > 0) {
       if (dbl) match_cuda<double>(p, metric, stream);
       else match_cuda<float>(p, metric, stream);
@@ -360,8 +352,9 @@ at::Tensor bipartite_merge_backward_cuda(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& assign) {
   FASTVQ_CUDA_DEVICE_GUARD(grad.device());
   MergeBackwardSetup s = bipartite_merge_backward_setup(grad, sizes, merged_sizes, assign);
-  if (s.grad_x.numel() == 0) return s.grad_x;
   const int64_t B = grad.size(0), Tm = grad.size(1), C = grad.size(2), T = assign.size(1);
+  merge_check_assign(assign, Tm, cuda_value_check());
+  if (s.grad_x.numel() == 0) return s.grad_x;
   const auto stream = FASTVQ_CUDA_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "bipartite_merge_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -378,6 +371,7 @@ at::Tensor compose_source_cuda(const at::Tensor& source, const at::Tensor& assig
   FASTVQ_CUDA_DEVICE_GUARD(source.device());
   at::Tensor out = compose_source_setup(source, assign);
   const int64_t B = source.size(0), T0 = source.size(1);
+  merge_check_source_range("compose_source", source, assign.size(1), "the tokens of assign", cuda_value_check());
   if (B * T0 > 0) {
     const auto stream = FASTVQ_CUDA_STREAM();
     FASTVQ_LAUNCH_KERNEL(compose_source_kernel, dim3(grid_for(B * T0, kThreads)), dim3(kThreads), 0, stream,
@@ -391,6 +385,7 @@ at::Tensor compose_source_cuda(const at::Tensor& source, const at::Tensor& assig
 at::Tensor unmerge_cuda(const at::Tensor& merged, const at::Tensor& source) {
   FASTVQ_CUDA_DEVICE_GUARD(merged.device());
   at::Tensor out = unmerge_setup(merged, source);
+  merge_check_source_range("unmerge", source, merged.size(1), "the tokens of merged", cuda_value_check());
   if (out.numel() == 0) return out;
   const UnmergeParams p = unmerge_params(merged, source, out, merged.size(1));
   const auto stream = FASTVQ_CUDA_STREAM();
@@ -404,6 +399,7 @@ at::Tensor unmerge_cuda(const at::Tensor& merged, const at::Tensor& source) {
 at::Tensor unmerge_backward_cuda(const at::Tensor& grad, const at::Tensor& source, int64_t num_tokens) {
   FASTVQ_CUDA_DEVICE_GUARD(grad.device());
   at::Tensor out = unmerge_backward_setup(grad, source, num_tokens);
+  merge_check_source_range("unmerge_backward", source, num_tokens, "num_tokens", cuda_value_check());
   const int64_t B = grad.size(0), T0 = grad.size(1);
   if (B == 0) return out;  // (T0 == 0 still runs: the sums of empty segments are zeros)
   TORCH_CHECK(B * num_tokens < (int64_t{1} << 31), "unmerge_backward: B * num_tokens must be < 2^31 on CUDA, got ",

@@ -103,6 +103,42 @@ inline MergeBackwardSetup bipartite_merge_backward_setup(const at::Tensor& grad,
   return s;
 }
 
+// sizes [B, T] (merge precision, contiguous) must be > 0 (a NaN fails too): the merge divides by their sums.
+inline void merge_check_sizes(const at::Tensor& sizes_acc, ValueCheck how) {
+  check_values(how, sizes_acc, all_positive, [](const at::Tensor& t) {
+    const int64_t T = t.size(1);
+    const bool dbl = t.scalar_type() == at::kDouble;
+    const void* sz = t.const_data_ptr();
+    for (int64_t q = 0; q < t.numel(); ++q) {
+      const double v = dbl ? static_cast<const double*>(sz)[q] : static_cast<const float*>(sz)[q];
+      TORCH_CHECK(v > 0, "bipartite_merge: sizes must be > 0, got sizes[", q / T, ", ", q % T, "] = ", v);
+    }
+  });
+}
+
+// assign [B, T] must name tokens of grad_merged [B, Tm, C]: entries in [0, Tm).
+inline void merge_check_assign(const at::Tensor& assign, int64_t Tm, ValueCheck how) {
+  check_values(
+      how, assign, [&](const at::Tensor& t) { return all_within(t, 0, Tm - 1); },
+      [&](const at::Tensor& t) {
+        const int64_t bad = first_outside(t, 0, Tm - 1);
+        TORCH_CHECK(bad < 0, "bipartite_merge_backward: assign[", bad / t.size(1), ", ", bad % t.size(1), "] = ",
+                    int_at(t, bad), " is out of range [0, ", Tm, ") (the tokens of grad_merged)");
+      });
+}
+
+// Every source [B, T0] entry must name a token in [0, T): the first one that does not is reported.
+inline void merge_check_source_range(const char* op, const at::Tensor& source, int64_t T, const char* what,
+                                     ValueCheck how) {
+  check_values(
+      how, source, [&](const at::Tensor& t) { return all_within(t, 0, T - 1); },
+      [&](const at::Tensor& t) {
+        const int64_t bad = first_outside(t, 0, T - 1);
+        TORCH_CHECK(bad < 0, op, ": source[", bad / t.size(1), ", ", bad % t.size(1), "] = ", int_at(t, bad),
+                    " is out of range [0, ", T, ") (", what, ")");
+      });
+}
+
 // [B, T0] int64 source map checks shared by compose_source / unmerge / unmerge_backward.
 inline void merge_check_source(const char* op, const at::Tensor& source, int64_t B, const at::Device& device) {
   TORCH_CHECK(source.scalar_type() == at::kLong, op, ": source must be int64, got ", source.scalar_type());

@@ -5,7 +5,8 @@
 //   stack_overflow            a fiber overflows its stack: the guard region faults, and the emulator (or
 //                             the sanitizer that owns SIGSEGV) says so
 //   watchdog_*                a kernel spins on another block: the watchdog aborts with a message
-//   data_race                 a missing barrier in threads mode: ThreadSanitizer (-DFASTVQ_EMU_THREADS=ON)
+//   data_race                 a missing barrier in threads mode: ThreadSanitizer (-DFASTVQ_EMU_THREADS=ON);
+//                             the racy accesses are forced to exist in every run (planted_race_kernel)
 //   fork                      a child forked after threads-mode launches can launch and exit normally
 #include <fcntl.h>
 #include <poll.h>
@@ -74,7 +75,8 @@ static int child(const std::string& name) {
   if (name == "data_race") {
     c.mode = Mode::kThreads;
     fastvq::emu::set_config(c);
-    for (int i = 0; i < 20; ++i) emu_test::launch_missing_barrier(in.data(), out.data());
+    int rendezvous[2] = {0, 0};
+    emu_test::launch_planted_race(in.data(), out.data(), rendezvous);  // ThreadSanitizer reports the race
     return 0;
   }
   if (name == "fork") {

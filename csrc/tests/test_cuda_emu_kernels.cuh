@@ -8,6 +8,10 @@
 
 #include "cuda_emu/cuda_emu.h"
 
+#if FASTVQ_CUDA_EMU
+#include <thread>
+#endif
+
 namespace emu_test {
 
 constexpr unsigned kFull = 0xffffffffu;
@@ -334,6 +338,35 @@ __device__ int recurse_forever(volatile int* sink, int depth) {
 }
 __global__ void stack_overflow_kernel(int* out) { out[threadIdx.x] = recurse_forever(out, 0); }
 
+// The planted data race of the ThreadSanitizer self-test (threads mode only: it spin-waits, which fibers
+// cannot run). Thread 1 writes s[1] and thread 0 reads it with no barrier between them: a data race by the
+// CUDA and C++ memory models. ThreadSanitizer reports a race only when the two accesses are unordered by
+// happens-before in the run it observes; left to the OS scheduler, thread 0 may start after thread 1 has
+// finished, and the emulator's own lock hand-off then orders them (a busy machine did exactly that). So the
+// two threads rendezvous through relaxed atomics (which ThreadSanitizer, like the memory model, treats as no
+// synchronisation): thread 1 writes only once thread 0 is running, and thread 0 reads only after the write.
+// The racy pair then exists in every run, whatever the load and scheduling.
+// Lets the other OS thread run while one spins (threads mode on a busy machine); nothing on a GPU.
+__device__ inline void spin_pause() {
+#if FASTVQ_CUDA_EMU
+  std::this_thread::yield();
+#endif
+}
+
+__global__ void planted_race_kernel(const int* in, int* out, int* rendezvous) {
+  __shared__ int s[2];
+  if (threadIdx.x == 1) {
+    while (atomicAdd(&rendezvous[0], 0) == 0) spin_pause();  // thread 0 is running
+    s[1] = in[1];                                                          // the racy write
+    atomicExch(&rendezvous[1], 1);
+  } else if (threadIdx.x == 0) {
+    atomicExch(&rendezvous[0], 1);
+    while (atomicAdd(&rendezvous[1], 0) == 0) spin_pause();  // thread 1 has written
+    // BUG: no __syncthreads() between thread 1's write and this read.
+    out[0] = s[1];  // the racy read
+  }
+}
+
 // Spin-wait on a flag that another block would set: never ends when blocks run one at a time (and is
 // not guaranteed to end on a GPU either). The emulator's watchdog must catch it.
 __global__ void spin_wait_kernel(volatile int* flag) {
@@ -389,6 +422,9 @@ inline void launch_wide_shuffles(double* d, long long* ll, unsigned long long* u
 }
 inline void launch_missing_barrier(const int* in, int* out) {
   FASTVQ_LAUNCH_KERNEL(missing_barrier_kernel, 1, 256, 0, 0, in, out);
+}
+inline void launch_planted_race(const int* in, int* out, int* rendezvous) {
+  FASTVQ_LAUNCH_KERNEL(planted_race_kernel, 1, 2, 0, 0, in, out, rendezvous);
 }
 inline void launch_missing_syncwarp(const int* in, int* out) {
   FASTVQ_LAUNCH_KERNEL(missing_syncwarp_kernel, 1, 32, 0, 0, in, out);
