@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fastvq
+from fastvq.bench import cuda_event_seconds
 
 CEILING_MATMUL_SIZE = 2048
 CEILING_MATMUL_SIZES = (1024, 2048, 4096)
@@ -101,12 +102,7 @@ def _median_seconds(fn: Any, rounds: int, device: str) -> float:
     times = []
     for _ in range(rounds):
         if device == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
+            times.append(cuda_event_seconds(fn))
         else:
             start_s = time.perf_counter()
             fn()

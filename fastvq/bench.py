@@ -68,6 +68,19 @@ def peak_rss_increase(fn: Callable[[], object]) -> int:
     return max(0, _proc_status_bytes("VmHWM") - before)
 
 
+def cuda_event_seconds(fn: Callable[[], object]) -> float:
+    """Seconds that ``fn()``'s work takes on the current CUDA stream, between two CUDA events (waits for
+    the second, so the kernels have completed, not just launched)."""
+    import torch
+
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / 1e3
+
+
 def timed_row(benchmark: Any, config: Any, fn: Callable[[], object], group: str, **info: object) -> None:
     """Time ``fn`` as a row of ``group`` described by ``info`` (pytest-benchmark's ``extra_info``): one
     untimed warm-up call, then ``config.rounds(its time)`` timed calls (``config``: the benchmarks'
@@ -87,12 +100,7 @@ def timed_row(benchmark: Any, config: Any, fn: Callable[[], object], group: str,
         import torch
 
         def timed() -> None:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            event_s.append(start.elapsed_time(stop) / 1e3)
+            event_s.append(cuda_event_seconds(fn))
 
         torch.cuda.synchronize()
     start_s = time.perf_counter()
