@@ -58,7 +58,7 @@ def test_unitok_defaults_and_vqp_spelling():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="MultiCodebookQuantizer: dim .10. must be a positive multiple of num_codebooks"):
+    with pytest.raises(ValueError, match="MultiCodebookQuantizer: dim .10. must be a positive multiple of"):
         MultiCodebookQuantizer(dim=10, num_codebooks=3)
     with pytest.raises(ValueError, match="MultiCodebookQuantizer: metric must be"):
         MultiCodebookQuantizer(metric="dot")

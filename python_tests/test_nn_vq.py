@@ -416,3 +416,31 @@ def test_ddp_codebooks_identical_and_match_one_process(tmp_path):
     assert torch.equal(ranks[0]["usage_counts"], one.usage_counts)
     for k in ("embed", "cluster_size", "embed_avg"):  # fp32 sums in another order: within 1e-5
         torch.testing.assert_close(ranks[0][k], getattr(one, k), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(dim=8, codebook_size=16, heads=2, threshold_ema_dead_code=2.0, kmeans_init=True),
+    dict(dim=8, codebook_size=16, heads=2, codebook_dim=4, separate_codebook_per_head=True, use_cosine_sim=True,
+         learnable_codebook=True, threshold_ema_dead_code=1.0),
+], ids=["ema-kmeans-dead", "learnable-cosine"])
+def test_training_step_reads_nothing_back_to_the_host(kw, monkeypatch):
+    """After the first forward (k-means init reads once), forwards and updates never read a tensor's value
+    on the host: on a GPU they would not synchronise."""
+    vq = VectorQuantize(manual_ema_update=True, **kw)
+    vq(torch.randn(4, 6, 8))
+    vq.update_codebook()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor value")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    monkeypatch.setattr(torch, "bincount", host_read)
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    out = vq(x, mask=torch.rand(4, 6) > 0.2)
+    out.loss.backward()
+    vq.update_codebook()
+    vq.manual_ema_update = False
+    vq(x)
+    vq.eval()
+    vq(x)

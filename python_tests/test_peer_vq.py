@@ -13,16 +13,17 @@ vqp = pytest.importorskip("vector_quantize_pytorch",
                           reason="vector-quantize-pytorch (the peer library) is not installed: pip install "
                                  "vector-quantize-pytorch")
 
-# README example -> (constructor keywords, input shape); sizes as in the README, codebooks trimmed to 1024
+# README example -> (constructor keywords, input shape): the README's keywords and dims, with fewer tokens
+# and codes (the README's 1,024 tokens and 8,196 codes take minutes on a CPU here)
 EXAMPLES = {
-    "basic": (dict(dim=256, codebook_size=512, decay=0.8, commitment_weight=1.0), (1, 1024, 256)),
-    "lower-codebook-dim": (dict(dim=256, codebook_size=256, codebook_dim=16), (1, 1024, 256)),
-    "cosine": (dict(dim=256, codebook_size=256, use_cosine_sim=True), (1, 1024, 256)),
+    "basic": (dict(dim=256, codebook_size=512, decay=0.8, commitment_weight=1.0), (1, 256, 256)),
+    "lower-codebook-dim": (dict(dim=256, codebook_size=256, codebook_dim=16), (1, 256, 256)),
+    "cosine": (dict(dim=256, codebook_size=256, use_cosine_sim=True), (1, 256, 256)),
     "multi-head-shared": (dict(dim=256, codebook_dim=32, heads=8, separate_codebook_per_head=False,
-                               codebook_size=1024), (1, 1024, 256)),
+                               codebook_size=512), (1, 256, 256)),
     "multi-head-separate": (dict(dim=256, codebook_dim=32, heads=8, separate_codebook_per_head=True,
-                                 codebook_size=1024), (1, 1024, 256)),
-    "image-fmap": (dict(dim=256, codebook_size=1024, accept_image_fmap=True), (1, 256, 32, 32)),
+                                 codebook_size=512), (1, 256, 256)),
+    "image-fmap": (dict(dim=256, codebook_size=512, accept_image_fmap=True), (1, 256, 16, 16)),
     "sequence-channel-first": (dict(dim=64, codebook_size=128, channel_last=False), (2, 64, 100)),
 }
 
@@ -42,14 +43,11 @@ def clear_choice(ours, x, margin=1e-4):
     cb = ours.embed.detach().double()
     if ours.use_cosine_sim:
         dist = -torch.einsum("ncd,ckd->nck", z, F.normalize(cb, dim=-1))
-    else:
-        dist = (z[:, :, None] - cb[None]).square().sum(-1)
+    else:  # |z|^2 - 2 z.c + |c|^2 in float64
+        dist = (z.square().sum(-1)[..., None] - 2 * torch.einsum("ncd,ckd->nck", z, cb)
+                + cb.square().sum(-1)[None])
     two = dist.topk(2, dim=-1, largest=False).values
     return (two[..., 1] - two[..., 0]) > margin
-
-
-def flat_indices(ours, indices):
-    return indices.reshape(-1, ours.num_codebooks)
 
 
 def pair(kw, seed=0):
@@ -66,10 +64,11 @@ def assert_same_step(theirs, ours, x, mask=None):
     q_t, idx_t, loss_t = theirs(x, **kwargs)
     q_o, idx_o, loss_o = ours(x, **kwargs)
     assert idx_o.shape == idx_t.shape and q_o.shape == q_t.shape == x.shape
-    it, io = flat_indices(ours, idx_t), flat_indices(ours, idx_o)
+    it, io = idx_t.reshape(clear.shape), idx_o.reshape(clear.shape)  # [n, C] rows per codebook
     assert clear.float().mean() > 0.95
     assert torch.equal(it[clear], io[clear])
-    same = (it == io).all(-1).view(idx_o.shape[: idx_o.dim() - (ours.heads > 1)])
+    same = idx_t == idx_o  # positions where every head chose the same code: same output
+    same = same.all(-1) if ours.heads > 1 else same
     if ours.channel_first:
         keep = same[:, None].expand_as(q_o)
     else:
@@ -87,8 +86,10 @@ def test_readme_example_matches_peer(example):
     xs = [torch.randn(shape, generator=g) for _ in range(3)]
     theirs.eval(), ours.eval()
     idx = assert_same_step(theirs, ours, xs[0])
-    torch.testing.assert_close(ours.get_output_from_indices(idx), theirs.get_output_from_indices(idx),
-                               rtol=1e-5, atol=1e-6)
+    out_o, out_t = ours.get_output_from_indices(idx), theirs.get_output_from_indices(idx)
+    if ours.heads > 1 and not ours.separate_codebook_per_head:  # theirs keeps the heads apart: [..., h, d]
+        out_t = out_t.flatten(-2)
+    torch.testing.assert_close(out_o, out_t, rtol=1e-5, atol=1e-6)
     theirs.train(), ours.train()
     for x in xs:  # EMA training steps on the same data
         assert_same_step(theirs, ours, x)
@@ -110,12 +111,12 @@ def test_readme_masks_match_peer():
 def test_readme_kmeans_init_statistics():
     kw = dict(dim=256, codebook_size=256, kmeans_init=True, kmeans_iters=10)
     theirs, ours = pair(kw)
-    x = torch.randn(16, 256) @ torch.randn(256, 256) / 16 + torch.randn(1, 256)
-    x = x[torch.randint(16, (2048,))] + 0.1 * torch.randn(2048, 256)  # 16 clusters
+    x = torch.randn(16, 256)
+    x = x[torch.randint(16, (1024,))] + 0.3 * torch.randn(1024, 256)  # 16 clusters
     theirs(x[None]), ours(x[None])
     assert bool(theirs._codebook.initted) and bool(ours.initted)
     theirs.eval(), ours.eval()
-    err = [F.mse_loss(m(x[None]).quantized[0], x).item() for m in (theirs, ours)]
+    err = [F.mse_loss(m(x[None])[0][0], x).item() for m in (theirs, ours)]
     assert err[1] < 1.1 * err[0]  # k-means of the same batch: as good a codebook
     torch.testing.assert_close(ours.cluster_size.sum(), theirs._codebook.cluster_size.sum(), rtol=1e-4, atol=0)
 
@@ -123,7 +124,7 @@ def test_readme_kmeans_init_statistics():
 def test_readme_dead_codes_statistics():
     kw = dict(dim=256, codebook_size=512, threshold_ema_dead_code=2)
     theirs, ours = pair(kw)
-    x = torch.randn(1, 1024, 256)
+    x = torch.randn(1, 512, 256)
     idx = assert_same_step(theirs, ours, x)  # the same choices, so the same codes die
     counts = torch.bincount(idx.flatten(), minlength=512).float()
     dead = torch.ones(512).lerp(counts, 1 - 0.8) < 2  # EMA count below the threshold
@@ -132,5 +133,5 @@ def test_readme_dead_codes_statistics():
     assert (ours.cluster_size[0, dead] == 2.0).all()  # reset to the threshold
     rows = x[0]
     for vq_codes in (theirs._codebook.embed[0], ours.embed[0]):
-        d = torch.cdist(vq_codes[dead], rows).min(-1).values  # each replacement is a vector of the batch
-        assert d.max() < 1e-4
+        d = (vq_codes[dead][:, None] - rows[None]).abs().amax(-1).min(-1).values
+        assert d.max() == 0  # each replacement is a vector of the batch

@@ -295,8 +295,8 @@ class VectorQuantize(nn.Module):
         name = type(self).__name__
         xl, to_input_layout = to_channel_last(x, self.channel_first, name)
         if xl.dim() < 1 or xl.shape[-1] != self.dim:
-            raise ValueError(f"{name}: x must have {self.dim} channels ({'[B, dim, *spatial]' if self.channel_first else '[..., dim]'}), "
-                             f"got shape {list(x.shape)}")
+            layout = "[B, dim, *spatial]" if self.channel_first else "[..., dim]"
+            raise ValueError(f"{name}: x must have {self.dim} channels ({layout}), got shape {list(x.shape)}")
         token_shape = xl.shape[:-1]
         if lens is not None:
             if mask is not None or len(token_shape) != 2:
@@ -491,7 +491,8 @@ class VectorQuantize(nn.Module):
         the input layout; positions whose indices are all ``-1`` are zeros. Float32."""
         lead = indices.shape[:-1] if self.heads > 1 else indices.shape
         idx = self._check_indices(indices).to(self.embed.device)
-        out = self.project_out(self._lookup(idx).reshape(*lead, self.heads * self.codebook_dim))
+        with fp32_island(idx.device):
+            out = self.project_out(self._lookup(idx).reshape(*lead, self.heads * self.codebook_dim))
         out = out.masked_fill((idx < 0).all(-1).view(*lead, 1), 0.0)
         return self._to_channel_first(out)
 
