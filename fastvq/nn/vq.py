@@ -45,16 +45,21 @@ def _mix32(h: Tensor) -> Tensor:
 
 def _row_keys(rows: Tensor, step: Tensor) -> Tensor:
     """Pseudo-random priorities of ``rows [n, C, d]`` (float32) for dead-code replacement: int64 ``[n, C]``
-    in ``[0, 2^62)``, a hash of each row's bits (at most ~32 evenly spaced coordinates) salted by ``step``
-    (an int64 scalar tensor; no host sync). A row's key depends on its content only, so the rows a
-    replacement takes are the same however the batch is split into micro-batches or over ranks."""
+    in ``[0, 2^62)``, a hash of the float32 bits ``b_j`` of (up to) three coordinates of each row,
+    ``j in {0, d/3, 2d/3}``, salted by ``step`` (an int64 scalar tensor: no host sync). A row's key depends
+    on its content only, so the rows a replacement takes are the same however the batch is split into
+    micro-batches or over ranks.
+
+    Each 31-bit half is ``mix32((sum_j b_j m_j + salt(step)) mod 2^32) >> 1`` with fixed odd 26-bit
+    multipliers ``m_j`` per half (products below 2^58: no int64 overflow)."""
     d = rows.shape[-1]
-    bits = rows[..., :: max(1, d // 16)].contiguous().view(torch.int32).long() & _M32  # [n, C, s]
-    j = torch.arange(bits.shape[-1], device=rows.device)
+    cols = torch.tensor(sorted({0, d // 3, 2 * d // 3}), device=rows.device)
+    bits = rows.index_select(-1, cols).view(torch.int32).long() & _M32  # [n, C, s]
     halves = []
-    for stream in (1, 2):  # two independent 31-bit hashes -> one 62-bit key (collisions ~ n^2 / 2^63)
-        salt = _mix32((j * 0x9E3779B1 + step * 0x85EBCA77 + stream * 0xC2B2AE3D) & _M32)
-        halves.append(_mix32(_mix32(bits ^ salt).sum(-1) & _M32) >> 1)
+    for mults, stream in (((0x2F0B3A5, 0x1C6EF37, 0x3A7F4C1), 1), ((0x0D1B54B, 0x2C1B3C7, 0x13A5F0D), 2)):
+        m = torch.tensor(mults[: cols.numel()], device=rows.device)
+        salt = _mix32((step * 0x85EBCA77 + stream * 0xC2B2AE3D) & _M32)
+        halves.append(_mix32(((bits * m).sum(-1) + salt) & _M32) >> 1)
     return (halves[0] << 31) | halves[1]
 
 
