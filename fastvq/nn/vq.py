@@ -23,7 +23,7 @@ COSINE_EPS = 1e-6  # F.normalize's eps for cosine codebooks (vector-quantize-pyt
 _M32 = 0xFFFFFFFF
 
 
-def gather_codes(indices: Tensor, codebooks: Tensor) -> Tensor:
+def _gather_codes(indices: Tensor, codebooks: Tensor) -> Tensor:
     """``mcq_gather`` with ``-1 -> zeros``: ``indices [..., G]`` (int64, ``-1`` = masked) and
     ``codebooks [G, K, d]`` -> ``[..., G, d]``, differentiable w.r.t. ``codebooks`` (a masked entry adds
     nothing to any code's gradient).
@@ -46,20 +46,19 @@ def _mix32(h: Tensor) -> Tensor:
 def _row_keys(rows: Tensor, step: Tensor) -> Tensor:
     """Pseudo-random priorities of ``rows [n, C, d]`` (float32) for dead-code replacement: int64 ``[n, C]``
     in ``[0, 2^62)``, a hash of the float32 bits ``b_j`` of (up to) three coordinates of each row,
-    ``j in {0, d/3, 2d/3}``, salted by ``step`` (an int64 scalar tensor: no host sync). A row's key depends
-    on its content only, so the rows a replacement takes are the same however the batch is split into
-    micro-batches or over ranks.
+    ``j = 0, s, 2s`` with ``s = max(1, d // 3)``, salted by ``step`` (an int64 scalar tensor). A row's key
+    depends on its content only, so the rows a replacement takes are the same however the batch is split
+    into micro-batches or over ranks. Everything stays on the device (no host copy in either direction).
 
-    Each 31-bit half is ``mix32((sum_j b_j m_j + salt(step)) mod 2^32) >> 1`` with fixed odd 26-bit
+    Each 31-bit half is ``mix32((sum_j b_j m_j + salt(step)) mod 2^32) >> 1`` with odd 26-bit
     multipliers ``m_j`` per half (products below 2^58: no int64 overflow)."""
-    d = rows.shape[-1]
-    cols = torch.tensor(sorted({0, d // 3, 2 * d // 3}), device=rows.device)
-    bits = rows.index_select(-1, cols).view(torch.int32).long() & _M32  # [n, C, s]
+    bits = rows[..., :: max(1, rows.shape[-1] // 3)][..., :3].contiguous().view(torch.int32).long() & _M32
+    j = torch.arange(bits.shape[-1], device=rows.device)  # [s]
     halves = []
-    for mults, stream in (((0x2F0B3A5, 0x1C6EF37, 0x3A7F4C1), 1), ((0x0D1B54B, 0x2C1B3C7, 0x13A5F0D), 2)):
-        m = torch.tensor(mults[: cols.numel()], device=rows.device)
+    for stream in (1, 2):
+        mult = (_mix32((j * 0x9E3779B1 + stream * 0x68E31DA4) & _M32) >> 6) | 1
         salt = _mix32((step * 0x85EBCA77 + stream * 0xC2B2AE3D) & _M32)
-        halves.append(_mix32(((bits * m).sum(-1) + salt) & _M32) >> 1)
+        halves.append(_mix32(((bits * mult).sum(-1) + salt) & _M32) >> 1)
     return (halves[0] << 31) | halves[1]
 
 
@@ -272,9 +271,9 @@ class VectorQuantize(nn.Module):
         differentiable w.r.t. a learnable codebook."""
         embed = self.embed.float()
         if self.separate_codebook_per_head:
-            codes = gather_codes(indices, embed)
+            codes = _gather_codes(indices, embed)
         else:
-            codes = gather_codes(indices.reshape(-1, 1), embed).view(*indices.shape, self.codebook_dim)
+            codes = _gather_codes(indices.reshape(-1, 1), embed).view(*indices.shape, self.codebook_dim)
         return F.normalize(codes, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else codes
 
     def _encode(self, x: Tensor) -> Tensor:
