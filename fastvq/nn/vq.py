@@ -107,6 +107,17 @@ class VectorQuantize(nn.Module):
     bf16/fp16 autocast region, so autocast picks the same codes as float32; keep the module's parameters
     in float32.
 
+    Differences from vector-quantize-pytorch, on purpose (docs/nn/vector_quantize.md lists them all):
+    ``manual_ema_update`` defers the whole step (EMA and dead codes), which gradient accumulation needs
+    (theirs defers only the codebook recomputation); ``ema_update`` defaults to ``not learnable_codebook``
+    (theirs refuses the combination unless told); the learnable-codebook loss is written as two terms
+    (same gradients with the default weights; twice the value); cosine works with a learnable codebook
+    (UniTok); dead codes are replaced by vectors chosen by a content hash rather than ``randperm``, so the
+    choice is the same across micro-batch splits and ranks; bad arguments raise ``ValueError`` naming
+    the module and the argument. Not supported: theirs' research options that need the dense ``[N, K]``
+    distance matrix (orthogonal / diversity losses, stochastic sampling, ``topk``, in-place optimizer,
+    affine parameters).
+
     Args:
         dim: channels of ``x``.
         codebook_size: codes per codebook (K).
@@ -115,7 +126,8 @@ class VectorQuantize(nn.Module):
         heads: vectors per position; ``dim`` is split into ``heads`` chunks.
         separate_codebook_per_head: one codebook per head (``[heads, K, codebook_dim]``) instead of one shared.
         decay, eps: of the EMA and of the Laplace smoothing.
-        freeze_codebook: no codebook update of any kind (can be overridden per forward).
+        freeze_codebook: no codebook update (k-means, EMA, dead codes; usage is still counted); can be
+            overridden per forward.
         kmeans_init, kmeans_iters: k-means init on the first training batch (``initted`` buffer).
         use_cosine_sim: cosine similarity (unit-norm inputs and codes) instead of L2.
         layernorm_after_project_in: a LayerNorm after ``project_in``.
