@@ -379,11 +379,17 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
 vq = VectorQuantize(**KW)
+torch.manual_seed(0)
+accum = VectorQuantize(manual_ema_update=True, **(KW | {"kmeans_init": False}))
 for step in range(STEPS):
     x, m = ddp_batch(step)
     n = x.shape[0] // 2
-    out = vq(x[rank * n:(rank + 1) * n], mask=m[rank * n:(rank + 1) * n])
-save_rank({k: v for k, v in vq.state_dict().items()} | {"indices": out.indices})
+    x, m = x[rank * n:(rank + 1) * n], m[rank * n:(rank + 1) * n]
+    out = vq(x, mask=m)
+    for part in (slice(0, 5), slice(5, n)):  # two micro-batches per rank, one update per step
+        accum(x[part], mask=m[part])
+    accum.update_codebook()
+save_rank(vq.state_dict() | {"indices": out.indices} | {"accum." + k: v for k, v in accum.state_dict().items()})
 dist.destroy_process_group()
 """
 
@@ -416,6 +422,14 @@ def test_ddp_codebooks_identical_and_match_one_process(tmp_path):
     assert torch.equal(ranks[0]["usage_counts"], one.usage_counts)
     for k in ("embed", "cluster_size", "embed_avg"):  # fp32 sums in another order: within 1e-5
         torch.testing.assert_close(ranks[0][k], getattr(one, k), rtol=1e-5, atol=1e-5)
+    # gradient accumulation under DDP (2 micro-batches per rank, one update per step) = one process
+    torch.manual_seed(0)
+    one = VectorQuantize(**(DDP_KW | {"kmeans_init": False}))
+    for step in range(DDP_STEPS):
+        one(*ddp_batch(step))
+    assert torch.equal(ranks[0]["accum.usage_counts"], one.usage_counts)
+    for k in ("embed", "cluster_size", "embed_avg"):
+        torch.testing.assert_close(ranks[0]["accum." + k], getattr(one, k), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [
