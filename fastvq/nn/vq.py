@@ -366,9 +366,6 @@ class VectorQuantize(nn.Module):
     def _kmeans_init(self, z: Tensor, keep: Tensor | None) -> None:
         """k-means of the kept vectors of this batch (of all ranks' batches when synced) as the codebook.
         Runs once (sets ``initted``); a batch with every position masked leaves it for the next one."""
-        if bool(self.initted):  # e.g. loaded from a state dict: one host read, then never again
-            self._initted_known = True
-            return
         rows = self._rows(z if keep is None else z[keep])  # [n, C, d]
         if self._sync:
             rows = all_gather_rows(rows)
@@ -542,4 +539,4 @@ class VectorQuantize(nn.Module):
             for key in ("cluster_size", "embed_avg", "initted", "usage_counts", "last_perplexity", "update_steps"):
                 state_dict.setdefault(prefix + key, getattr(self, key).detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._initted_known = False  # re-read `initted` (once) at the next training forward
+        self._initted_known = bool(self.initted)  # a host read at load time, not in a training step
