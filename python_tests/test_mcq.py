@@ -1,4 +1,4 @@
-"""mcq_search / mcq_gather / MultiCodebookQuantizer against the pure-PyTorch references."""
+"""mcq_search / mcq_gather against the pure-PyTorch references (the module: test_nn_mcq.py)."""
 import math
 import os
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastvq
 from fastvq.ops import mcq_gather, mcq_search
-from fastvq.reference import mcq_gather_ref, mcq_search_ref, multi_codebook_quantize_ref
+from fastvq.reference import mcq_gather_ref, mcq_search_ref
 
 from conftest import devices
 
@@ -288,72 +288,6 @@ def test_search_bad_metric_and_device():
 def test_gather_bad_inputs(args, match):
     with pytest.raises(RuntimeError, match=match):
         mcq_gather(*args())
-
-
-# ---- the module ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("metric", METRICS)
-def test_module_matches_reference(metric):
-    torch.manual_seed(1)
-    q = fastvq.nn.MultiCodebookQuantizer(dim=64, num_codebooks=8, codebook_size=512, metric=metric)
-    with torch.no_grad():
-        q.codebooks.normal_()  # spread codes so the nearest one is unambiguous
-    z = torch.randn(4, 10, 64, requires_grad=True)
-    quantized, indices, loss = q(z)
-    cb_ref = q.codebooks.detach().clone().requires_grad_(True)
-    z_ref = z.detach().clone().requires_grad_(True)
-    quantized_r, indices_r, loss_r = multi_codebook_quantize_ref(z_ref, cb_ref, metric, 0.25, 1.0)
-    assert torch.equal(indices, indices_r)
-    assert indices.shape == (4, 10, 8) and quantized.shape == z.shape
-    torch.testing.assert_close(quantized, quantized_r)
-    torch.testing.assert_close(loss, loss_r)
-    w = torch.randn_like(z)
-    (loss + (quantized * w).sum()).backward()
-    (loss_r + (quantized_r * w).sum()).backward()
-    torch.testing.assert_close(z.grad, z_ref.grad)
-    torch.testing.assert_close(q.codebooks.grad, cb_ref.grad)
-    if metric == "cosine":  # unit-norm chunks, as UniTok
-        torch.testing.assert_close(quantized.detach().view(4, 10, 8, 8).norm(dim=-1), torch.ones(4, 10, 8))
-    torch.testing.assert_close(q.indices_to_codes(indices), quantized.detach())
-
-
-def test_module_stats_and_errors():
-    q = fastvq.nn.MultiCodebookQuantizer(dim=16, num_codebooks=2, codebook_size=8, metric="l2")
-    with torch.no_grad():
-        q.codebooks.copy_(torch.randn(2, 8, 8))
-    z = q.codebooks.detach()[[0, 1], :4].permute(1, 0, 2).reshape(4, 16)  # codes 0..3 of both books
-    _, indices, loss = q(z)
-    assert indices.tolist() == [[0, 0], [1, 1], [2, 2], [3, 3]]
-    assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    torch.testing.assert_close(q.codebook_usage(), torch.tensor([0.5, 0.5]))
-    torch.testing.assert_close(q.last_perplexity, torch.tensor([4.0, 4.0]))
-    q.eval()
-    q(torch.randn(100, 16))
-    torch.testing.assert_close(q.codebook_usage(), torch.tensor([0.5, 0.5]))  # eval does not count
-    q.reset_usage()
-    assert q.codebook_usage().sum() == 0
-    with pytest.raises(ValueError, match=r"MultiCodebookQuantizer: z must be \[\.\.\., 16\]"):
-        q(torch.randn(3, 15))
-    with pytest.raises(ValueError, match="must be a positive multiple of num_codebooks"):
-        fastvq.nn.MultiCodebookQuantizer(dim=10, num_codebooks=3)
-    with pytest.raises(ValueError, match="metric"):
-        fastvq.nn.MultiCodebookQuantizer(metric="dot")
-
-
-def test_module_bf16_input_and_training_step():
-    q = fastvq.nn.MultiCodebookQuantizer(dim=64, num_codebooks=8, codebook_size=64)
-    opt = torch.optim.SGD(q.parameters(), lr=1.0)
-    z = torch.randn(32, 64)
-    losses = []
-    for _ in range(5):
-        _, _, loss = q(z)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]  # the codebook loss pulls codes towards the data
-    quantized, indices, loss = q(z.bfloat16())
-    assert quantized.dtype == torch.bfloat16 and indices.shape == (32, 8)
 
 
 # ---- CUDA (runs only where a GPU is present) ----------------------------------------------------------

@@ -3,7 +3,8 @@
 from fastvq.nn.decode import CompressedKVCache, first_occurrence, merge_causal_mask
 from fastvq.nn.lfq import LFQ
 from fastvq.nn.mcq import MultiCodebookQuantizer
+from fastvq.nn.vq import VectorQuantize
 from fastvq.nn.merge import MergingViTBlock, merge_schedule, proportional_attention_bias
 
-__all__ = ["MultiCodebookQuantizer", "LFQ", "MergingViTBlock", "merge_schedule", "proportional_attention_bias",
-           "CompressedKVCache", "first_occurrence", "merge_causal_mask"]
+__all__ = ["VectorQuantize", "MultiCodebookQuantizer", "LFQ", "MergingViTBlock", "merge_schedule",
+           "proportional_attention_bias", "CompressedKVCache", "first_occurrence", "merge_causal_mask"]
