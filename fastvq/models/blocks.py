@@ -43,8 +43,8 @@ class RoPE2D(nn.Module):
     serves any resolution and any aspect ratio, and ``q·k`` depends only on the offset ``(Δy, Δx)``.
 
     ``forward(t [B, heads, P + H·W, d], grid=(H, W), num_prefix=P)``: the first ``P`` tokens (CLS / register
-    tokens) are returned unrotated; the rest are the grid in row-major order. Computed in fp32, returned in
-    ``t``'s dtype.
+    tokens) are returned unrotated; the rest are the grid in row-major order. Rotated in fp32 (fp64 for fp64
+    input), returned in ``t``'s dtype.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0):
@@ -57,12 +57,12 @@ class RoPE2D(nn.Module):
         inv_freq = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # [d/4]
 
-    def angles(self, grid: tuple[int, int], device=None) -> tuple[Tensor, Tensor]:
-        """cos, sin of the rotation angles, each ``[H·W, d]``."""
+    def angles(self, grid: tuple[int, int], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """cos, sin of the rotation angles, each ``[H·W, d]`` in ``dtype``."""
         h, w = grid
-        inv = self.inv_freq.to(device) if device is not None else self.inv_freq
-        ys = torch.arange(h, device=inv.device, dtype=torch.float32).repeat_interleave(w)  # [H·W] row index
-        xs = torch.arange(w, device=inv.device, dtype=torch.float32).repeat(h)             # [H·W] column index
+        inv = self.inv_freq.to(dtype)
+        ys = torch.arange(h, device=inv.device, dtype=dtype).repeat_interleave(w)  # [H·W] row index
+        xs = torch.arange(w, device=inv.device, dtype=dtype).repeat(h)             # [H·W] column index
         fy = ys[:, None] * inv  # [H·W, d/4]
         fx = xs[:, None] * inv
         ang = torch.cat((fy, fy, fx, fx), dim=-1)  # [H·W, d]: (y half: pairs j, j+d/4), (x half)
@@ -73,8 +73,9 @@ class RoPE2D(nn.Module):
         if t.shape[-1] != self.head_dim or t.shape[-2] != num_prefix + h * w:
             raise ValueError(f"RoPE2D: expected [..., {num_prefix} + {h}*{w}, {self.head_dim}] tokens, "
                              f"got {list(t.shape)}")
-        cos, sin = self.angles((h, w), t.device)
-        prefix, body = t[..., :num_prefix, :], t[..., num_prefix:, :].float()
+        work = torch.promote_types(t.dtype, torch.float32)  # fp32, or fp64 for fp64 input
+        cos, sin = self.angles((h, w), work)
+        prefix, body = t[..., :num_prefix, :], t[..., num_prefix:, :].to(work)
         half = self.head_dim // 2
         by, bx = body[..., :half], body[..., half:]
         cy, cx = cos[:, :half], cos[:, half:]
