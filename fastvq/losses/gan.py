@@ -2,6 +2,8 @@
 losses, VQGAN's adaptive weight, the discriminator start / warm-up schedule, and LeCam regularisation."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ class PatchDiscriminator(nn.Module):
     ``conv4×4/2(in → ndf)``, LeakyReLU(0.2); for ``n = 1 … n_layers−1``: ``conv4×4/2`` to ``ndf·min(2ⁿ, 8)``,
     norm, LeakyReLU; ``conv4×4/1`` to ``ndf·min(2^n_layers, 8)``, norm, LeakyReLU; ``conv4×4/1`` to 1 channel;
     padding 1 everywhere. ``norm``: ``"batch"`` (taming's default; the normed convs then have no bias),
-    ``"group"`` (32 groups) or ``"none"``. Conv weights ~ N(0, 0.02), BatchNorm weights ~ N(1, 0.02) (taming's
+    ``"group"`` (gcd(32, width) groups) or ``"none"``. Conv weights ~ N(0, 0.02), BatchNorm weights ~ N(1, 0.02) (taming's
     ``weights_init``)."""
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
@@ -29,7 +31,7 @@ class PatchDiscriminator(nn.Module):
             raise ValueError(f"PatchDiscriminator: n_layers must be >= 1, got {n_layers}")
 
         def norm_layer(c):
-            return {"batch": lambda: nn.BatchNorm2d(c), "group": lambda: nn.GroupNorm(32, c),
+            return {"batch": lambda: nn.BatchNorm2d(c), "group": lambda: nn.GroupNorm(math.gcd(32, c), c),
                     "none": nn.Identity}[norm]()
 
         bias = norm != "batch"
