@@ -265,7 +265,7 @@ def test_clip_loss_hand_and_scale_clamp():
 
 DDP_CLIP = """
 import torch, torch.distributed as dist
-from fastvq.losses import ClipContrastiveLoss
+from fastvq.losses import ClipContrastiveLoss, LeCamEMA
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
@@ -279,7 +279,10 @@ params = list(tower_i.parameters()) + list(tower_t.parameters()) + [loss_fn.logi
 for p in params:  # what DistributedDataParallel does: average the gradients over ranks
     dist.all_reduce(p.grad)
     p.grad /= world
-save_rank({"loss": loss.detach(), **{f"grad{i}": p.grad for i, p in enumerate(params)}})
+lecam = LeCamEMA(0.9)  # each rank sees different logits; the averages must agree
+lecam(torch.full((3,), float(rank)), torch.full((2,), -2.0 * rank))
+save_rank({"loss": loss.detach(), "ema_real": lecam.ema_real, "ema_fake": lecam.ema_fake,
+           **{f"grad{i}": p.grad for i, p in enumerate(params)}})
 dist.destroy_process_group()
 """
 
@@ -297,6 +300,19 @@ def test_clip_loss_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-12, atol=1e-12)
         for i, p in enumerate(params):
             torch.testing.assert_close(r[f"grad{i}"], p.grad, rtol=1e-10, atol=1e-12)
+        # LeCam's averages: the mean over ranks of the batch means (0 and 1; 0 and -2), identical on every rank
+        assert r["ema_real"].item() == pytest.approx(0.1 * 0.5) and r["ema_fake"].item() == pytest.approx(0.1 * -1.0)
+    assert torch.equal(ranks[0]["ema_real"], ranks[1]["ema_real"])
+
+
+def test_imports_stay_light():
+    """fastvq.losses and fastvq.models import neither fastvq.eval nor anything beyond torch at import time."""
+    import subprocess
+    import sys
+    code = ("import sys, fastvq.losses, fastvq.models; "
+            "bad = [m for m in ('fastvq.eval', 'fastvq.data', 'timm', 'transformers', 'efficientnet_lite_pytorch', "
+            "'torchvision') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ---- distillation --------------------------------------------------------------------------------------------------
