@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor

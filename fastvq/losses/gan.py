@@ -20,8 +20,8 @@ class PatchDiscriminator(nn.Module):
     ``conv4×4/2(in → ndf)``, LeakyReLU(0.2); for ``n = 1 … n_layers−1``: ``conv4×4/2`` to ``ndf·min(2ⁿ, 8)``,
     norm, LeakyReLU; ``conv4×4/1`` to ``ndf·min(2^n_layers, 8)``, norm, LeakyReLU; ``conv4×4/1`` to 1 channel;
     padding 1 everywhere. ``norm``: ``"batch"`` (taming's default; the normed convs then have no bias),
-    ``"group"`` (gcd(32, width) groups) or ``"none"``. Conv weights ~ N(0, 0.02), BatchNorm weights ~ N(1, 0.02) (taming's
-    ``weights_init``)."""
+    ``"group"`` (gcd(32, width) groups) or ``"none"``. Conv weights ~ N(0, 0.02), BatchNorm weights ~ N(1, 0.02)
+    (taming's ``weights_init``)."""
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
@@ -133,7 +133,7 @@ class LeCamEMA(nn.Module):
 
     def averages(self) -> tuple[Tensor, Tensor]:
         """The zero-debiased ``(α_R, α_F)`` (0 before the first update)."""
-        debias = (1 - torch.pow(torch.tensor(self.decay, device=self.ema_real.device), self.num_updates)).clamp_min(1e-12)
+        debias = (1 - torch.full_like(self.ema_real, self.decay).pow(self.num_updates)).clamp_min(1e-12)
         return self.ema_real / debias, self.ema_fake / debias
 
     def forward(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:

@@ -10,12 +10,11 @@ is plain PyTorch (``F.scaled_dot_product_attention`` for attention) and works un
 | :class:`GeGLU` | Shazeer 2020; UniTok / ViTamin ``GeGluMlp`` | ``W2(gelu_tanh(W0 x) * W1 x)`` |
 | :class:`ResBlock`, :class:`Downsample`, :class:`Upsample` | VQGAN (taming-transformers) | GroupNorm + SiLU convs |
 | :class:`AdaptiveGroupNorm` | MAGVIT-v2 / UniWeTok decoder | GroupNorm whose scale and shift come from a condition |
-| :class:`LayerNorm2d`, :class:`MBConv`, :class:`ViTaminStem` | ViTamin (``MbConvLNBlock``, ``Stem``) | the conv stages of UniTok's encoder |
+| :class:`LayerNorm2d`, :class:`MBConv`, :class:`ViTaminStem` | ViTamin ``MbConvLNBlock``, ``Stem`` | UniTok's conv stages |
 | :class:`AttnProjection` | UniTok ``AttnProjection`` (``quant_proj``) | LN → linear + head-averaged attention, then GeGLU |
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -245,8 +244,8 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """VQGAN's downsampling: pad (right 1, bottom 1) then a 3×3 conv with stride 2; ``[B, C, H, W] → [B, C, ⌈H/2⌉,
-    ⌈W/2⌉]`` (``[B, C, H/2, W/2]`` for even sizes)."""
+    """VQGAN's downsampling: pad (right 1, bottom 1) then a 3×3 conv with stride 2;
+    ``[B, C, H, W] → [B, out, ⌊H/2⌋, ⌊W/2⌋]``."""
 
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
