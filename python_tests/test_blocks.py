@@ -263,3 +263,19 @@ def test_attn_projection_errors():
         AttnProjection(64, 24, 8)
     with pytest.raises(ValueError, match="AttnProjection: 30 channels must be divisible"):
         AttnProjection(30, 15, 4)
+
+
+def test_blocks_under_bf16_autocast_match_fp32():
+    """Under CPU bf16 autocast every block runs and stays within bf16 rounding of its fp32 output."""
+    x = torch.randn(2, 1 + 12, 32)
+    fmap = torch.randn(2, 32, 6, 4)
+    cond = torch.randn(2, 5)
+    cases = [(ViTBlock(32, 4, 2.0, rope=True, qk_norm=True), (x, (3, 4), 1)),
+             (AttnProjection(32, 8, 4), (x,)), (AttnProjection(8, 32, 4), (x[..., :8],)),
+             (ResBlock(32, 64, cond_dim=5), (fmap, cond)), (MBConv(32, 32, 2), (fmap,))]
+    for m, args in cases:
+        ref = m(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(*args)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
