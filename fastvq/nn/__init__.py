@@ -4,6 +4,7 @@ from fastvq.nn.decode import CompressedKVCache, first_occurrence, merge_causal_m
 from fastvq.nn.lfq import LFQ
 from fastvq.nn.mcq import MultiCodebookQuantizer
 from fastvq.nn.merge import MergingViTBlock, merge_schedule, proportional_attention_bias
+from fastvq.nn.simvq import SimVQ
 
-__all__ = ["MultiCodebookQuantizer", "LFQ", "MergingViTBlock", "merge_schedule", "proportional_attention_bias",
+__all__ = ["MultiCodebookQuantizer", "SimVQ", "LFQ", "MergingViTBlock", "merge_schedule", "proportional_attention_bias",
            "CompressedKVCache", "first_occurrence", "merge_causal_mask"]
