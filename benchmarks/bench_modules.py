@@ -18,13 +18,20 @@ Cases (float32 ``torch.randn`` input that requires grad, fixed seeds; a quick ru
             rotation trick).
 A row whose module or keyword fastvq lacks is skipped with the reason (pytest -rs prints it).
 
-``flops`` is the GEMM work both sides must do: the nearest-code search ``2 * N * G * K * d`` (forward), plus for
-SimVQ the map ``frozen_codebook @ W^T`` and its weight gradient, ``2 * 2 * K * dim^2``. ``peak_bytes`` in
+vqp's rows materialise ``N x K`` distance matrices and their kin: measured here, its peak resident memory per
+token is ~0.5 MB (unitok: 8.2 GB at 16,384 tokens), ~0.4 MB (llamagen: 12.3 GB at 32,768 tokens, so ~24 GB
+at 65,536) and ~0.85 MB (vqrae: 13.6 GB at 16,384 tokens; its ``torch.cdist`` broadcasts the [K, dim]
+codebook over the batch). A vqp row whose estimate (``VQP_BYTES_PER_TOKEN``) exceeds 80% of the machine's
+available memory (``MemAvailable``) times the first ``B / 2^j`` images of the batch instead (``rows`` in the
+report; the summary's speed-ups compare rows per second), and says so.
+
+``flops`` is the GEMM work both sides must do: the nearest-code search ``2 * N * G * K * d`` (forward), plus
+for SimVQ the map ``frozen_codebook @ W^T`` and its weight gradient, ``2 * 2 * K * dim^2``. ``peak_bytes`` in
 ``extra_info`` is the peak resident memory of one training step above what was resident before it
 (fastvq.bench.peak_rss_increase: /proc/self/clear_refs + VmHWM, which unlike ``ru_maxrss`` is not inherited
 from the parent process), measured in a fresh process per (implementation, case) after a warm-up step on a
-small batch. vqp's llamagen and vqrae rows materialise N x K distance matrices (4 GiB and 1 GiB fp32): run
-them on an otherwise idle machine, one at a time (pytest runs rows sequentially).
+small batch. Run on an otherwise idle machine: the rows run one at a time (pytest runs them sequentially), and
+vqp's need GBs (above).
 
 Run: ``python -m fastvq.bench -k bench_modules`` (the summary table: median, ``vs best`` = the speed-up over
 vqp, peak memory), or ``pytest benchmarks/bench_modules.py --benchmark-only -rs [--fastvq-quick]``.
@@ -61,6 +68,9 @@ class Case:
     def x_shape(self, divisor: int) -> tuple[int, ...]:
         return (max(1, self.shape[0] // divisor), *self.shape[1:])
 
+    def tokens(self, divisor: int) -> int:
+        return self.x_shape(divisor)[0] * self.shape[1]
+
     def flops(self, rows: int) -> int:
         search = 2 * rows * self.heads * self.codebook_size * self.codebook_dim
         return search + 2 * 2 * self.codebook_size * self.transform_dim**2
@@ -82,6 +92,32 @@ CASES = [
     }, transform_dim=1536),
 ]
 IMPLS = ("fastvq", "vqp")
+# vqp's peak resident memory per token of one training step, measured on this machine (module docstring)
+VQP_BYTES_PER_TOKEN = {"unitok": 525e3, "llamagen": 393e3, "vqrae": 871e3}
+MEMORY_FRACTION = 0.8
+
+
+def available_bytes() -> float:
+    """``MemAvailable`` of /proc/meminfo (inf where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
+def fitting_divisor(case: Case, impl: str, divisor: int) -> int:
+    """``divisor`` times the smallest power of two that brings the row's estimated peak memory under
+    MEMORY_FRACTION of the available memory (fastvq rows: ``divisor``)."""
+    if impl != "vqp":
+        return divisor
+    budget = MEMORY_FRACTION * available_bytes()
+    while VQP_BYTES_PER_TOKEN[case.name] * case.tokens(divisor) > budget and case.x_shape(divisor)[0] > 1:
+        divisor *= 2
+    return divisor
 
 
 class Unavailable(Exception):
@@ -164,12 +200,18 @@ def test_module_train_step(benchmark: BenchmarkFixture, bench_config: BenchConfi
     except Unavailable as e:
         print(f"skip {case.name}/{impl}: {e}")
         pytest.skip(str(e))
-    x = make_x(case, bench_config.row_divisor)
+    n = case.tokens(bench_config.row_divisor)
+    divisor = fitting_divisor(case, impl, bench_config.row_divisor)
+    if divisor != bench_config.row_divisor:
+        print(f"{case.name}/{impl}: ~{VQP_BYTES_PER_TOKEN[case.name] * n / 1e9:.1f} GB for {n} tokens exceeds "
+              f"{MEMORY_FRACTION:.0%} of the {available_bytes() / 1e9:.1f} GB available: timing the first "
+              f"{case.tokens(divisor)} tokens")
+    x = make_x(case, divisor)
     rows = x.shape[0] * x.shape[1]
-    memory = peak_bytes(case, impl, bench_config.row_divisor)
+    memory = peak_bytes(case, impl, divisor)
     cls_name, kwargs = case.modules[impl]
     timed_row(benchmark, bench_config, lambda: train_step(module, x),
-              f"module fwd+bwd {case.name} {rows}x{case.heads}x{case.codebook_size}x{case.codebook_dim}",
-              op="module", impl=impl, module=cls_name, kwargs=repr(kwargs), N=rows, rows=rows, G=case.heads,
+              f"module fwd+bwd {case.name} {n}x{case.heads}x{case.codebook_size}x{case.codebook_dim}",
+              op="module", impl=impl, module=cls_name, kwargs=repr(kwargs), N=n, rows=rows, G=case.heads,
               K=case.codebook_size, d=case.codebook_dim, flops=case.flops(rows), peak_bytes=memory,
               **({"baseline": "best"} if impl == "vqp" else {}))

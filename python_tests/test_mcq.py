@@ -413,6 +413,8 @@ def test_cuda_matches_cpu_bitwise(metric, dtype):
         assert torch.equal(idx, idx_c.cpu())
         torch.testing.assert_close(scores, scores_c.cpu(), rtol=0, atol=0, equal_nan=True)
         assert torch.equal(mcq_gather(idx_c, cb.cuda()).cpu(), mcq_gather(idx, cb))
+        masked = _mask_some(idx)  # -1 rows: zeros on both devices
+        assert torch.equal(mcq_gather(masked.cuda(), cb.cuda()).cpu(), mcq_gather(masked, cb))
 
 
 def test_build_info():
