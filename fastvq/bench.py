@@ -116,8 +116,8 @@ def timed_row(benchmark: Any, config: Any, fn: Callable[[], object], group: str,
 
 
 OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize", "lfq_codes_from_ids", "bipartite_merge",
-            "decode_attention", "segment_sum", "kmeans")
-IMPL_ORDER = ("fastvq", "fastvq-ops", "faiss", "sdpa-sliced", "factorized", "reference", "torch-chunked",
+            "decode_attention", "segment_sum", "kmeans", "module")
+IMPL_ORDER = ("fastvq", "fastvq-ops", "vqp", "faiss", "sdpa-sliced", "factorized", "reference", "torch-chunked",
               "scatter_reduce", "sort+segment_reduce", "full-mask", "full-prefix-mask")
 
 
@@ -251,16 +251,17 @@ TABLE_NOTES = (
     "rows: rows timed (a baseline may time the first rows of the case); speed-ups compare rows/s.\n"
     "vs best: against the case's best alternative, marked [best] (mcq_search, kmeans: faiss; lfq_entropy: the\n"
     "  factorised PyTorch formulation; decode: SDPA over the hand-sliced cache; segment_sum: index_add_ +\n"
-    "  bincount; others: the PyTorch reference). Unmarked alternatives (torch-chunked: chunked addmm + argmax,\n"
-    "  the best pure-PyTorch search; scatter_reduce; sort+segment_reduce) show their own ratio to the best.\n"
+    "  bincount; module: vector-quantize-pytorch (vqp); others: the PyTorch reference). Unmarked alternatives\n"
+    "  (torch-chunked: chunked addmm + argmax, the best pure-PyTorch search; scatter_reduce;\n"
+    "  sort+segment_reduce) show their own ratio to the best.\n"
     "vs naive: against the naive formulation, marked [naive] (mcq_search: the [N, K] PyTorch objective;\n"
     "  lfq_entropy: the full-logit softmax over 2^D codes, an algorithmic gain; decode: SDPA over the full\n"
     "  cache with a mask).\n"
     "roof: the time the row's work takes at the roof that applies (GEMM: its flops at the fp32 torch.mm rate;\n"
     "  lfq_entropy: the GEMMs the factorised form needs; GB/s rows: its bytes at the bandwidth named), and\n"
     "  % roof = that time / median.\n"
-    "peak mem: peak resident memory of one call (lfq_entropy, merge: forward + backward) above what was\n"
-    "  resident before it, in a fresh process.")
+    "peak mem: peak resident memory of one call (lfq_entropy, merge, module: forward + backward) above what\n"
+    "  was resident before it, in a fresh process.")
 
 
 def main(argv: list[str] | None = None) -> int:

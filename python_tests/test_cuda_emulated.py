@@ -11,7 +11,7 @@ import torch
 
 import fastvq
 import fastvq.emu as emu
-from fastvq.reference import mcq_search_ref
+from fastvq.reference import mcq_gather_ref, mcq_search_ref
 
 from conftest import CUDA_BACKENDS, EMU_MISSING, needs_emu
 from test_mcq import DTYPES, METRICS, assert_search_matches, make_inputs
@@ -93,6 +93,10 @@ def test_mcq_gather_emulated(schedule, cuda_ops, dtype, index_dtype):
     assert torch.equal(cuda_ops.mcq_gather(idx, cb), fastvq.ops.mcq_gather(idx, cb))
     idx_nc = torch.randint(0, K, (G, 9)).to(index_dtype).t()
     assert torch.equal(cuda_ops.mcq_gather(idx_nc, cb), fastvq.ops.mcq_gather(idx_nc, cb))
+    masked = idx.clone()
+    masked.view(-1)[::3] = -1  # masked positions: zero rows
+    out = cuda_ops.mcq_gather(masked, cb)
+    assert torch.equal(out, fastvq.ops.mcq_gather(masked, cb)) and torch.equal(out, mcq_gather_ref(masked, cb))
 
 
 @needs_emu

@@ -54,8 +54,10 @@ def _decode(lengths, op, keep=(True, False)):
 CASES = [
     ("mcq_gather-past-K", "mcq_gather", lambda: (_idx((5, 2), (3, 1), 4), torch.randn(2, 4, 3)),
      lambda out, a: bool(out[3, 1].isnan().all()) and not out[:3].isnan().any()),
-    ("mcq_gather-negative-int32", "mcq_gather", lambda: (_idx((5, 2), (0, 0), -1, torch.int32), torch.randn(2, 4, 3)),
+    ("mcq_gather-negative-int32", "mcq_gather", lambda: (_idx((5, 2), (0, 0), -2, torch.int32), torch.randn(2, 4, 3)),
      lambda out, a: bool(out[0, 0].isnan().all()) and not out[1:].isnan().any()),
+    ("mcq_gather-empty-codebook", "mcq_gather", lambda: (_idx((5, 2), (1, 1), -1), torch.randn(2, 0, 3)),
+     lambda out, a: bool(out[1, 1].eq(0).all()) and bool(out[0].isnan().all())),  # -1 still gives zeros
     ("mcq_gather-d0", "mcq_gather", lambda: (_idx((5, 2), (2, 0), 9), torch.randn(2, 4, 0)), None),
     ("lfq_codes_from_ids-2^g", "lfq_codes_from_ids", lambda: (_idx((5, 2), (3, 1), 256), 16, 8, None), None),
     ("lfq_codes_from_ids-negative", "lfq_codes_from_ids", lambda: (_idx((5, 2), (1, 0), -1), 16, 8, None), None),

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import fastvq
 from fastvq.ops import mcq_gather, mcq_search
@@ -192,31 +193,71 @@ def test_gather_matches_reference(dtype, index_dtype):
     assert mcq_gather(idx[:0], cb).shape == (0, 7, G, d)
 
 
-def test_gather_out_of_range_raises():
+def _mask_some(idx: Tensor, every: int = 3) -> Tensor:
+    """idx with every `every`-th entry (flat order) set to -1, the index of a masked position."""
+    idx = idx.clone()
+    idx.view(-1)[::every] = -1
+    return idx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+def test_gather_minus_one_gives_zeros(dtype, index_dtype):
+    G, K, d = 3, 17, 5
+    cb = torch.randn(K, G, d).to(dtype).transpose(0, 1)
+    idx = _mask_some(torch.randint(0, K, (4, 7, G))).to(index_dtype)
+    out = mcq_gather(idx, cb)
+    assert torch.equal(out, mcq_gather_ref(idx, cb))
+    masked = idx == -1
+    assert masked.any() and (~masked).any()
+    assert (out[masked] == 0).all() and not out[masked].signbit().any()  # +0, not -0
+    assert torch.equal(out[~masked], mcq_gather_ref(idx.clamp_min(0), cb)[~masked])
+    idx_nc = _mask_some(torch.randint(0, K, (G, 9)), every=2).to(index_dtype).t()
+    assert torch.equal(mcq_gather(idx_nc, cb), mcq_gather_ref(idx_nc, cb))
+    # every index masked, even with an empty codebook
+    assert torch.equal(mcq_gather(torch.full((5, G), -1), cb), torch.zeros(5, G, d, dtype=dtype))
+    empty = torch.randn(G, 0, d, dtype=dtype, requires_grad=dtype.is_floating_point)
+    out = mcq_gather(torch.full((5, G), -1), empty)
+    assert torch.equal(out, torch.zeros(5, G, d, dtype=dtype))
+    out.sum().backward()
+    assert empty.grad.shape == (G, 0, d)
+
+
+@pytest.mark.parametrize("bad", [4, 5, -2, -5, 2**40])
+def test_gather_out_of_range_raises(bad):
     cb = torch.randn(2, 4, 3)
-    for bad in (4, -1):
-        idx = torch.zeros(5, 2, dtype=torch.long)
-        idx[3, 1] = bad
-        with pytest.raises(IndexError, match=r"mcq_gather: indices must be in \[0, K\) = \[0, 4\), got "
-                                             f"{bad} at row 3, group 1"):
-            mcq_gather(idx, cb)
+    idx = torch.zeros(5, 2, dtype=torch.long)
+    idx[1, 0] = -1  # a masked row is fine
+    idx[3, 1] = bad
+    with pytest.raises(IndexError, match=r"mcq_gather: indices must be in \[0, K\) = \[0, 4\) or -1 \(a masked "
+                                         rf"row\), got {bad} at row 3, group 1"):
+        mcq_gather(idx, cb)
+    with pytest.raises(IndexError, match="mcq_gather: indices must be in"):
+        mcq_gather(torch.zeros(5, 2, dtype=torch.long), torch.randn(2, 0, 3))  # index 0 of an empty codebook
 
 
-def test_gather_gradcheck():
+@pytest.mark.parametrize("masked", [False, True], ids=["all-kept", "some-masked"])
+def test_gather_gradcheck(masked):
     G, K, d = 2, 3, 4  # few codes, many rows: repeated indices must accumulate
     cb = torch.randn(G, K, d, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, K, (4, 5, G))
+    if masked:
+        idx = _mask_some(idx)
     assert torch.autograd.gradcheck(lambda c: mcq_gather(idx, c), (cb,))
     assert torch.autograd.gradgradcheck(lambda c: mcq_gather(idx, c), (cb,))
 
 
 def test_gather_grad_matches_reference():
     cb = torch.randn(4, 50, 8, requires_grad=True)
-    idx = torch.randint(0, 50, (300, 4))
+    idx = _mask_some(torch.randint(0, 50, (300, 4)), every=7)
     w = torch.randn(300, 4, 8)
     (g,) = torch.autograd.grad((mcq_gather(idx, cb) * w).sum(), cb)
     (g_ref,) = torch.autograd.grad((mcq_gather_ref(idx, cb) * w).sum(), cb)
     torch.testing.assert_close(g, g_ref)
+    # a masked row sends nothing back: the gradient is that of the kept rows alone
+    keep = idx != -1
+    (g_kept,) = torch.autograd.grad((mcq_gather(idx, cb) * w * keep[..., None]).sum(), cb)
+    assert torch.equal(g, g_kept)
 
 
 def test_search_is_not_differentiable():
@@ -231,7 +272,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastvq.mcq_search.default, (z, cb, metric))
     torch.library.opcheck(torch.ops.fastvq.mcq_search.default, (z.half(), cb.half()))
     cbg = torch.randn(3, 50, 6, requires_grad=True)
-    idx = torch.randint(0, 50, (11, 3))
+    idx = _mask_some(torch.randint(0, 50, (11, 3)))
     torch.library.opcheck(torch.ops.fastvq.mcq_gather.default, (idx, cbg))
     torch.library.opcheck(torch.ops.fastvq.mcq_gather.default, (idx.int(), cbg.detach().bfloat16()))
 
@@ -241,6 +282,7 @@ def test_torch_compile_fullgraph():
 
     def quantize(z, cb):
         idx, scores = mcq_search(z, cb, "cosine")
+        idx = torch.where(scores > 0, idx, -1)  # a mask: -1 rows gather zeros
         return mcq_gather(idx, cb), idx, scores
 
     z, cb = make_inputs(40, 4, 64, 8, torch.float32)
@@ -305,6 +347,8 @@ def test_cuda_matches_cpu_bitwise(metric, dtype):
         assert torch.equal(idx, idx_c.cpu())
         torch.testing.assert_close(scores, scores_c.cpu(), rtol=0, atol=0, equal_nan=True)
         assert torch.equal(mcq_gather(idx_c, cb.cuda()).cpu(), mcq_gather(idx, cb))
+        masked = _mask_some(idx)  # -1 rows: zeros on both devices
+        assert torch.equal(mcq_gather(masked.cuda(), cb.cuda()).cpu(), mcq_gather(masked, cb))
 
 
 def test_build_info():

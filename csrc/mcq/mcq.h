@@ -43,7 +43,7 @@ struct McqSearchParams {
 };
 
 struct McqGatherParams {
-  const void* indices;  // [N, G] int32 or int64, element strides below
+  const void* indices;  // [N, G] int32 or int64 in [0, K) or -1 (a masked row: zeros), element strides below
   bool indices_int64;
   int64_t idx_stride_n, idx_stride_g;
   const void* codebooks;  // [G, K, d]

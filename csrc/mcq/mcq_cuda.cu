@@ -204,8 +204,9 @@ __global__ void __launch_bounds__(kThreads) mcq_search_kernel(const McqSearchPar
   }
 }
 
-// One thread per output element of [N, G, d]. The host has checked the indices; were one out of range
-// anyway, its row is filled with NaN (never an out-of-bounds read) and the assert (diagnosis only) trips.
+// One thread per output element of [N, G, d]; index -1 (a masked row) gives zeros. The host has checked the
+// indices; were one out of range anyway, its row is filled with NaN (never an out-of-bounds read) and the
+// assert (diagnosis only) trips.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(256) mcq_gather_kernel(const McqGatherParams p) {
   const scalar_t* cb = static_cast<const scalar_t*>(p.codebooks);
@@ -216,9 +217,9 @@ __global__ void __launch_bounds__(256) mcq_gather_kernel(const McqGatherParams p
     const int64_t j = i % p.d, ng = i / p.d, g = ng % p.G, n = ng / p.G;
     const int64_t k = static_cast<int64_t>(idx[n * p.idx_stride_n + g * p.idx_stride_g]);
     const bool in_range = k >= 0 && k < p.K;
-    FASTVQ_KERNEL_ASSERT(in_range && "mcq_gather: index out of range [0, K)");
+    FASTVQ_KERNEL_ASSERT((in_range || k == -1) && "mcq_gather: index out of range [0, K) and not -1");
     out[i] = in_range ? cb[g * p.cb_stride_g + k * p.cb_stride_k + j * p.cb_stride_d]
-                      : static_cast<scalar_t>(mcq_nan());
+                      : static_cast<scalar_t>(k == -1 ? 0.0f : mcq_nan());
   }
 }
 

@@ -83,21 +83,20 @@ inline McqShape check_mcq_gather_args(const at::Tensor& indices, const at::Tenso
   const int64_t G = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
   TORCH_CHECK(indices.size(-1) == G, "mcq_gather: indices must be [..., G] with G == codebooks.size(0) == ", G,
               ", got indices shape ", indices.sizes());
-  TORCH_CHECK(K >= 1 || indices.numel() == 0,
-              "mcq_gather: codebooks hold no codes (K == 0) but indices are not empty");
   return {leading_numel(indices, 1), G, K, d};
 }
 
-// Every index of idx2 [N, G] (int64 / int32) must be in [0, K): an IndexError naming the first one that is not.
+// Every index of idx2 [N, G] (int64 / int32) must be in [0, K) or -1 (a masked row, gathered as zeros): an
+// IndexError naming the first one that is not.
 inline void mcq_gather_check_indices(const at::Tensor& idx2, int64_t K, ValueCheck how) {
   check_values(
-      how, idx2, [&](const at::Tensor& t) { return all_within(t, 0, K - 1); },
+      how, idx2, [&](const at::Tensor& t) { return all_within(t, -1, K - 1); },
       [&](const at::Tensor& t) {
-        const int64_t bad = first_outside(t, 0, K - 1);
+        const int64_t bad = first_outside(t, -1, K - 1);
         if (bad < 0) return;
         const int64_t G = t.size(1);
-        TORCH_CHECK_INDEX(false, "mcq_gather: indices must be in [0, K) = [0, ", K, "), got ", int_at(t, bad),
-                          " at row ", bad / G, ", group ", bad % G);
+        TORCH_CHECK_INDEX(false, "mcq_gather: indices must be in [0, K) = [0, ", K, ") or -1 (a masked row), got ",
+                          int_at(t, bad), " at row ", bad / G, ", group ", bad % G);
       });
 }
 

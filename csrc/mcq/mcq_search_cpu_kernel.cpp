@@ -153,7 +153,7 @@ void mcq_search_cpu_task(const McqSearchParams& p, CpuIsa isa, int64_t task, flo
   FASTVQ_CPU_ISA_SWITCH(isa, mcq, ns::search_task(p, task, scratch));
 }
 
-// ---- gather: a copy per (n, g) row; memory-bound, so plain code -------------------------------------
+// ---- gather: a copy per (n, g) row (zeros for index -1); memory-bound, so plain code -------------------------------------
 namespace {
 template <typename T>
 int64_t gather_rows(const McqGatherParams& p, int64_t n_begin, int64_t n_end) {
@@ -164,9 +164,13 @@ int64_t gather_rows(const McqGatherParams& p, int64_t n_begin, int64_t n_end) {
       const int64_t off = n * p.idx_stride_n + g * p.idx_stride_g;
       const int64_t k = p.indices_int64 ? static_cast<const int64_t*>(p.indices)[off]
                                         : static_cast<const int32_t*>(p.indices)[off];
+      T* dst = out + (n * p.G + g) * p.d;
+      if (k == -1) {  // a masked row: a zero code
+        std::memset(dst, 0, sizeof(T) * p.d);  // all-zero bits are +0 in every float format
+        continue;
+      }
       if (k < 0 || k >= p.K) return n * p.G + g;
       const T* src = cb + g * p.cb_stride_g + k * p.cb_stride_k;
-      T* dst = out + (n * p.G + g) * p.d;
       if (p.cb_stride_d == 1) {
         std::memcpy(dst, src, sizeof(T) * p.d);
       } else {

@@ -26,8 +26,9 @@ void mcq_prepare_codebook_cpu(const McqSearchParams& p, CpuIsa isa, int64_t g);
 // Step 2, one call per task in [0, plan.num_tasks): writes p.indices / p.scores for its rows and group.
 void mcq_search_cpu_task(const McqSearchParams& p, CpuIsa isa, int64_t task, float* scratch);
 
-// Gather: out[n, g, :] = codebooks[g, indices[n, g], :] for rows [n_begin, n_end). Returns -1 when every
-// index is in [0, K), else the flat position n * G + g of the first bad one (nothing is read there).
+// Gather: out[n, g, :] = codebooks[g, indices[n, g], :] for rows [n_begin, n_end), zeros where the index is
+// -1 (a masked row). Returns -1 when every index is in [0, K) or -1, else the flat position n * G + g of the
+// first bad one (nothing is read there).
 int64_t mcq_gather_cpu_rows(const McqGatherParams& p, DType dtype, int64_t n_begin, int64_t n_end);
 
 }  // namespace fastvq

@@ -5,6 +5,7 @@ from fastvq.nn.lfq import LFQ
 from fastvq.nn.mcq import MultiCodebookQuantizer
 from fastvq.nn.vq import VectorQuantize
 from fastvq.nn.merge import MergingViTBlock, merge_schedule, proportional_attention_bias
+from fastvq.nn.simvq import SimVQ
 
-__all__ = ["VectorQuantize", "MultiCodebookQuantizer", "LFQ", "MergingViTBlock", "merge_schedule",
+__all__ = ["VectorQuantize", "MultiCodebookQuantizer", "SimVQ", "LFQ", "MergingViTBlock", "merge_schedule",
            "proportional_attention_bias", "CompressedKVCache", "first_occurrence", "merge_causal_mask"]

@@ -36,10 +36,15 @@ def mcq_search(z: Tensor, codebooks: Tensor, metric: str = "l2") -> tuple[Tensor
 
 def mcq_gather(indices: Tensor, codebooks: Tensor) -> Tensor:
     """``codebooks[g, indices[..., g]]`` for every group: ``[..., G]`` int64/int32 indices and
-    ``[G, K, d]`` codebooks -> ``[..., G, d]`` in the codebooks' dtype. Differentiable w.r.t.
-    ``codebooks`` (the backward sums the gradients of every row that picked a code with
-    :func:`fastvq.ops.segment_sum`: deterministic on CPU and CUDA, fp32 accumulation). Indices outside
-    ``[0, K)`` raise on CPU and trip a device-side assert on CUDA."""
+    ``[G, K, d]`` codebooks -> ``[..., G, d]`` in the codebooks' dtype.
+
+    An index of ``-1`` (a masked position, as the quantizer modules return it) gives a row of zeros and
+    takes no part in the gradient. Any other index outside ``[0, K)`` raises ``IndexError`` naming it, on
+    CPU and on CUDA alike (CUDA checks the range on the host before launching: one small device->host copy).
+
+    Differentiable w.r.t. ``codebooks``: the backward sums the gradients of every row that picked a code
+    with :func:`fastvq.ops.segment_sum` (which skips ``-1``): deterministic on CPU and CUDA, fp32
+    accumulation."""
     return torch.ops.fastvq.mcq_gather.default(indices, codebooks)
 
 

@@ -77,10 +77,16 @@ def mcq_search_eps(z: Tensor, codebooks: Tensor, metric: str = "l2") -> Tensor:
 
 
 def mcq_gather_ref(indices: Tensor, codebooks: Tensor) -> Tensor:
-    """Reference of :func:`fastvq.ops.mcq_gather`: codebooks[g, indices[..., g]] -> [..., G, d]."""
-    G = codebooks.shape[0]
+    """Reference of :func:`fastvq.ops.mcq_gather`: codebooks[g, indices[..., g]] -> [..., G, d], zeros where
+    the index is -1 (a masked row)."""
+    G, K = codebooks.shape[:2]
+    indices = indices.long()
+    if ((indices < -1) | (indices >= K)).any():
+        raise IndexError(f"mcq_gather_ref: indices must be in [0, {K}) or -1")
     groups = torch.arange(G, device=indices.device)
-    return codebooks[groups, indices.long()]
+    masked = indices == -1
+    out = codebooks[groups, indices.clamp_min(0)] if K else codebooks.new_zeros((*indices.shape, codebooks.shape[2]))
+    return out.masked_fill(masked[..., None], 0)
 
 
 def multi_codebook_quantize_ref(
