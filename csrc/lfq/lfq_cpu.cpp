@@ -23,15 +23,14 @@ void entropy_rows_cpu(const LfqEntropyParams<acc_t>& p, bool backward) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / G, grp = i % G, n = p.row0 + r, slot = grp * p.rows + r;
       const scalar_t* zg = z + n * p.z_stride_n + grp * p.g * p.z_stride_d;
+      const acc_t w = p.weight != nullptr ? p.weight[n] : acc_t(1);
       if (!backward) {
-        lfq_entropy_forward_group<scalar_t, acc_t>(zg, p.z_stride_d, p.a, p.b, p.scale, p.pa + slot * A,
+        lfq_entropy_forward_group<scalar_t, acc_t>(zg, p.z_stride_d, p.a, p.b, p.msb, p.scale, w, p.pa + slot * A,
                                                    p.pb + slot * B, p.h_rows ? p.h_rows + n * G + grp : nullptr);
       } else {
-        acc_t* gz = p.grad_z + n * p.D + grp * p.g;
-        lfq_entropy_backward_half<scalar_t, acc_t>(zg, p.z_stride_d, p.a, p.scale, p.wa + slot * A, *p.grad_h,
-                                                   p.scratch + slot * S, gz);
-        lfq_entropy_backward_half<scalar_t, acc_t>(zg + p.a * p.z_stride_d, p.z_stride_d, p.b, p.scale,
-                                                   p.wb + slot * B, *p.grad_h, p.scratch + slot * S, gz + p.a);
+        lfq_entropy_backward_group<scalar_t, acc_t>(zg, p.z_stride_d, p.a, p.b, p.msb, p.scale, p.wa + slot * A,
+                                                    p.wb + slot * B, *p.grad_h, w, p.scratch + slot * S,
+                                                    p.grad_z + n * p.D + grp * p.g);
       }
     }
   });
@@ -57,7 +56,8 @@ void unpack_group_bytes(int64_t id, int64_t g, scalar_t* codes) {
   if (j < g) lfq_unpack_group<scalar_t>(id >> j, g - j, codes + j);
 }
 
-// lfq_quantize_group's result, 8 dims at a time: their sign bits form a byte, whose codes come from the table.
+// lfq_quantize_group's result (the lsb index), 8 dims at a time: their sign bits form a byte, whose codes come
+// from the table.
 template <typename scalar_t, typename Stride>
 int64_t quantize_group_bytes(const scalar_t* z, Stride stride_d, int64_t g, scalar_t* codes) {
   using cmp_t = lfq_acc_t<scalar_t>;
@@ -76,14 +76,15 @@ int64_t quantize_group_bytes(const scalar_t* z, Stride stride_d, int64_t g, scal
 
 }  // namespace
 
-// z [..., D] -> (codes [..., D] in z's dtype, ids [...] or [..., D/g] int64)
-std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t group_bits) {
-  LfqQuantizeSetup st = lfq_quantize_setup(z, group_bits);
-  if (st.N == 0) return {st.codes, st.ids};
+// z [..., D] -> (codes [..., D] in z's dtype, indices [...] or [..., D/g] int64)
+std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t group_bits, std::string_view bit_order) {
+  LfqQuantizeSetup st = lfq_quantize_setup(z, group_bits, bit_order);
+  if (st.N == 0) return {st.codes, st.indices};
   const int64_t N = st.N, D = st.D, g = st.g, G = st.G;
+  const bool msb = st.msb;
   const at::Tensor& z2 = st.z2;
   at::Tensor& codes = st.codes;
-  at::Tensor& ids = st.ids;
+  at::Tensor& ids = st.indices;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_quantize_cpu", [&] {
     const scalar_t* zp = z2.data_ptr<scalar_t>();
     scalar_t* cp = codes.data_ptr<scalar_t>();
@@ -94,8 +95,9 @@ std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t
       auto rows = [&](auto stride_d) {
         for (int64_t n = b; n < e; ++n) {
           for (int64_t grp = 0; grp < G; ++grp) {
-            ip[n * G + grp] = quantize_group_bytes<scalar_t>(zp + n * sn + grp * g * stride_d, stride_d, g,
-                                                             cp + n * D + grp * g);
+            const int64_t lsb = quantize_group_bytes<scalar_t>(zp + n * sn + grp * g * stride_d, stride_d, g,
+                                                               cp + n * D + grp * g);
+            ip[n * G + grp] = lfq_order_index(lsb, g, msb);
           }
         }
       };
@@ -106,21 +108,22 @@ std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& z, int64_t
       }
     });
   });
-  return {st.codes, st.ids};
+  return {st.codes, st.indices};
 }
 
-// ids [...] or [..., dim/g] int64 -> codes [..., dim] of +-1
-at::Tensor lfq_codes_from_ids_cpu(const at::Tensor& ids, int64_t dim, int64_t group_bits,
-                                  std::optional<at::ScalarType> dtype) {
-  LfqUnpackSetup st = lfq_codes_from_ids_setup(ids, dim, group_bits, dtype);
+// indices [...] or [..., dim/g] int64 -> codes [..., dim] of +-1
+at::Tensor lfq_codes_from_indices_cpu(const at::Tensor& indices, int64_t dim, int64_t group_bits,
+                                      std::optional<at::ScalarType> dtype, std::string_view bit_order) {
+  LfqUnpackSetup st = lfq_codes_from_indices_setup(indices, dim, group_bits, dtype, bit_order);
   if (st.N == 0) return st.codes;
   const int64_t N = st.N, g = st.g, G = st.G;
-  const at::Tensor& ids2 = st.ids2;
+  const bool msb = st.msb;
+  const at::Tensor& ids2 = st.indices2;
   at::Tensor& codes = st.codes;
   const int64_t* ip = ids2.data_ptr<int64_t>();
   const int64_t sn = ids2.stride(0), sg = ids2.stride(1);
   std::atomic<int64_t> first_bad{-1};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "lfq_codes_from_ids_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "lfq_codes_from_indices_cpu", [&] {
     scalar_t* cp = codes.data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, 32768 / dim), [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) {
@@ -132,26 +135,30 @@ at::Tensor lfq_codes_from_ids_cpu(const at::Tensor& ids, int64_t dim, int64_t gr
             }
             continue;
           }
-          unpack_group_bytes<scalar_t>(id, g, cp + n * dim + grp * g);
+          unpack_group_bytes<scalar_t>(lfq_order_index(id, g, msb), g, cp + n * dim + grp * g);
         }
       }
     });
   });
-  // The kernel found a bad id (and skipped its group); the shared check names the first one.
-  if (first_bad.load() >= 0) lfq_check_ids(ids2, g, ValueCheck::kLoop);
+  // The kernel found a bad index (and skipped its group); the shared check names the first one.
+  if (first_bad.load() >= 0) lfq_check_indices(ids2, g, ValueCheck::kLoop);
   return codes;
 }
 
-// z [..., D] -> (sample_entropy [], codebook_entropy [], code_probs [G, 2^g]); float64 for float64 z, else float32
+// z [..., D], weight [...] or None -> (sample_entropy [], codebook_entropy [], code_probs [G, 2^g]); float64 for
+// float64 z, else float32
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_cpu(const at::Tensor& z, double temperature,
-                                                               int64_t group_bits) {
+                                                               int64_t group_bits,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               std::string_view bit_order) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   lfq_check_z("lfq_entropy", z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_cpu", [&] {
     using acc_t = lfq_acc_t<scalar_t>;
-    out = lfq_entropy_forward_impl<acc_t>(z, temperature, group_bits, [](const LfqEntropyParams<acc_t>& p, bool bw) {
-      entropy_rows_cpu<scalar_t, acc_t>(p, bw);
-    });
+    out = lfq_entropy_forward_impl<acc_t>(z, temperature, group_bits, weight, bit_order,
+                                          [](const LfqEntropyParams<acc_t>& p, bool bw) {
+                                            entropy_rows_cpu<scalar_t, acc_t>(p, bw);
+                                          });
   });
   return out;
 }
@@ -159,13 +166,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_cpu(const at::Tensor&
 at::Tensor lfq_entropy_backward_cpu(const std::optional<at::Tensor>& grad_sample,
                                     const std::optional<at::Tensor>& grad_codebook,
                                     const std::optional<at::Tensor>& grad_code_probs, const at::Tensor& z,
-                                    const at::Tensor& code_probs, double temperature, int64_t group_bits) {
+                                    const at::Tensor& code_probs, double temperature, int64_t group_bits,
+                                    const std::optional<at::Tensor>& weight, std::string_view bit_order) {
   at::Tensor out;
   lfq_check_z("lfq_entropy_backward", z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "lfq_entropy_backward_cpu", [&] {
     using acc_t = lfq_acc_t<scalar_t>;
     out = lfq_entropy_backward_impl<acc_t>(grad_sample, grad_codebook, grad_code_probs, z, code_probs, temperature,
-                                           group_bits, [](const LfqEntropyParams<acc_t>& p, bool bw) {
+                                           group_bits, weight, bit_order, [](const LfqEntropyParams<acc_t>& p, bool bw) {
                                              entropy_rows_cpu<scalar_t, acc_t>(p, bw);
                                            });
   });
@@ -174,7 +182,7 @@ at::Tensor lfq_entropy_backward_cpu(const std::optional<at::Tensor>& grad_sample
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
   m.impl("lfq_quantize", &lfq_quantize_cpu);
-  m.impl("lfq_codes_from_ids", &lfq_codes_from_ids_cpu);
+  m.impl("lfq_codes_from_indices", &lfq_codes_from_indices_cpu);
   m.impl("lfq_entropy", &lfq_entropy_cpu);
   m.impl("lfq_entropy_backward", &lfq_entropy_backward_cpu);
 }
