@@ -13,6 +13,9 @@
 - ``lfq_quantize`` (sign + bit packing): memory-bound; ``bytes`` = z read + codes and indices written.
 - ``lfq_codes_from_indices`` (unpacking): memory-bound; ``bytes`` = indices read + float32 codes written.
   For both, the PyTorch reference is the only alternative (the ``best`` baseline).
+- ``fastvq.nn.LFQ`` forward + backward (loss and output) against ``vector_quantize_pytorch.LFQ`` with the same
+  keywords (2^14 codes, one codebook, commitment weight 0.25; the ``best`` baseline, skipped when it is not
+  installed): the module-level gain is the entropy op's (no ``[N, 2^14]`` logits).
 """
 from __future__ import annotations
 
@@ -126,3 +129,25 @@ def test_codes_from_indices(benchmark: BenchmarkFixture, bench_config: BenchConf
         f"lfq_codes_from_indices {n}x{dim} g={group_bits}",
         op="lfq_codes_from_indices", impl=impl, N=n, rows=n, G=dim // g, bytes=indices.nbytes + n * dim * 4,
         **({"baseline": "best"} if impl == "reference" else {}))
+
+
+MODULE_BITS = 14
+
+
+@pytest.mark.parametrize("impl", ["fastvq", "vector-quantize-pytorch"])
+def test_module(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str) -> None:
+    if impl == "fastvq":
+        from fastvq.nn import LFQ
+    else:
+        LFQ = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch not installed").LFQ
+    n = bench_config.scaled(4096)
+    quantizer = LFQ(codebook_size=2**MODULE_BITS, commitment_loss_weight=0.25).to(bench_config.device)
+    x = bench_config.on(torch.randn(1, n, MODULE_BITS, generator=torch.Generator().manual_seed(0))).requires_grad_()
+
+    def forward_backward() -> None:
+        quantized, _, loss = quantizer(x)
+        (loss + quantized.sum()).backward()
+        x.grad = None
+
+    timed_row(benchmark, bench_config, forward_backward, f"LFQ module fwd+bwd 2^{MODULE_BITS} codes N={n}",
+        op="lfq_module", impl=impl, N=n, rows=n, G=1, **({"baseline": "best"} if impl != "fastvq" else {}))

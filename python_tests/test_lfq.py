@@ -21,7 +21,7 @@ from fastvq.reference import (
 from conftest import needs_emu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# (D, group_bits): one id per row up to the 62-bit limit, and grouped ids (UniWeTok: 128 bits)
+# (D, group_bits): one index per row up to the 62-bit limit, and grouped indices (UniWeTok: 128 bits)
 ID_LAYOUTS = [(1, 0), (7, 0), (8, 0), (9, 0), (18, 0), (31, 0), (33, 0), (62, 0),
               (6, 1), (36, 18), (124, 62), (128, 8), (128, 16), (128, 32)]
 # (D, group_bits) small enough for the N x 2^g softmax definition
@@ -86,12 +86,12 @@ def test_quantize_matches_reference(layout, dtype, order):
     z = torch.randn(37, D).to(dtype)
     z[3, :] = 0.0  # all bits 0
     z[5, :] = 1.0  # all bits 1
-    codes, ids = lfq_quantize(z, g, order)
-    codes_ref, ids_ref = lfq_quantize_ref(z, g, order)
+    codes, indices = lfq_quantize(z, g, order)
+    codes_ref, indices_ref = lfq_quantize_ref(z, g, order)
     assert codes.shape == z.shape and codes.dtype == dtype and codes.is_contiguous()
-    assert ids.shape == ids_ref.shape == ((37,) if g == 0 else (37, D // g))
-    assert torch.equal(codes, codes_ref) and torch.equal(ids, ids_ref)
-    assert ids[3].eq(0).all() and ids[5].eq((1 << (g or D)) - 1).all()
+    assert indices.shape == indices_ref.shape == ((37,) if g == 0 else (37, D // g))
+    assert torch.equal(codes, codes_ref) and torch.equal(indices, indices_ref)
+    assert indices[3].eq(0).all() and indices[5].eq((1 << (g or D)) - 1).all()
 
 
 @pytest.mark.parametrize("layout", [(1, 0), (9, 0), (62, 0), (128, 16)], ids=lambda l: "D{}-g{}".format(*l))
@@ -114,16 +114,16 @@ def test_round_trips(layout, dtype, order):
     bits = g or D
     # z -> (codes, indices) -> codes
     z = torch.randn(2, 9, D).to(dtype)
-    codes, ids = lfq_quantize(z, g, order)
-    assert torch.equal(lfq_codes_from_indices(ids, D, g, dtype, order), codes)
+    codes, indices = lfq_quantize(z, g, order)
+    assert torch.equal(lfq_codes_from_indices(indices, D, g, dtype, order), codes)
     # indices -> codes -> indices, including 0 and the all-ones index of the group width
-    id_shape = (40,) if g == 0 else (40, D // g)
-    ids = torch.randint(0, 1 << bits, id_shape)
-    ids[0], ids[1] = 0, (1 << bits) - 1
-    codes = lfq_codes_from_indices(ids, D, g, dtype, order)
+    index_shape = (40,) if g == 0 else (40, D // g)
+    indices = torch.randint(0, 1 << bits, index_shape)
+    indices[0], indices[1] = 0, (1 << bits) - 1
+    codes = lfq_codes_from_indices(indices, D, g, dtype, order)
     assert codes.shape == (40, D) and codes.dtype == dtype
-    assert torch.equal(codes, lfq_codes_from_indices_ref(ids, D, g, dtype, order))
-    assert torch.equal(lfq_quantize(codes, g, order)[1], ids)
+    assert torch.equal(codes, lfq_codes_from_indices_ref(indices, D, g, dtype, order))
+    assert torch.equal(lfq_quantize(codes, g, order)[1], indices)
 
 
 def test_codes_from_indices_default_dtype_and_bit_order():
@@ -144,31 +144,31 @@ def test_non_contiguous_and_expanded_inputs(order):
     z = zbuf.transpose(1, 2)[..., ::2]  # [5, 3, D], last-dim stride 2
     assert not z.is_contiguous()
     for g in (0, 4):
-        codes, ids = lfq_quantize(z, g, order)
-        codes_c, ids_c = lfq_quantize(z.contiguous(), g, order)
-        assert torch.equal(codes, codes_c) and torch.equal(ids, ids_c)
-        assert ids.shape == ((5, 3) if g == 0 else (5, 3, D // g))
+        codes, indices = lfq_quantize(z, g, order)
+        codes_c, indices_c = lfq_quantize(z.contiguous(), g, order)
+        assert torch.equal(codes, codes_c) and torch.equal(indices, indices_c)
+        assert indices.shape == ((5, 3) if g == 0 else (5, 3, D // g))
     ze = torch.randn(1, D).expand(6, D)  # stride-0 rows
     assert torch.equal(lfq_quantize(ze, 0, order)[1], lfq_quantize(ze[:1], 0, order)[1].expand(6))
-    ids = torch.randint(0, 1 << 8, (4, 7)).t()  # [7, 4] transposed indices of 8-bit groups
-    assert torch.equal(lfq_codes_from_indices(ids, 32, 8, bit_order=order),
-                       lfq_codes_from_indices(ids.contiguous(), 32, 8, bit_order=order))
+    indices = torch.randint(0, 1 << 8, (4, 7)).t()  # [7, 4] transposed indices of 8-bit groups
+    assert torch.equal(lfq_codes_from_indices(indices, 32, 8, bit_order=order),
+                       lfq_codes_from_indices(indices.contiguous(), 32, 8, bit_order=order))
 
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_empty_inputs(order):
-    codes, ids = lfq_quantize(torch.randn(0, 18), bit_order=order)
-    assert codes.shape == (0, 18) and ids.shape == (0,)
-    codes, ids = lfq_quantize(torch.randn(3, 0, 16), 8, order)
-    assert codes.shape == (3, 0, 16) and ids.shape == (3, 0, 2)
+    codes, indices = lfq_quantize(torch.randn(0, 18), bit_order=order)
+    assert codes.shape == (0, 18) and indices.shape == (0,)
+    codes, indices = lfq_quantize(torch.randn(3, 0, 16), 8, order)
+    assert codes.shape == (3, 0, 16) and indices.shape == (3, 0, 2)
     assert lfq_codes_from_indices(torch.zeros(0, dtype=torch.long), 18, bit_order=order).shape == (0, 18)
     assert lfq_codes_from_indices(torch.zeros(2, 0, 4, dtype=torch.long), 32, 8, bit_order=order).shape == (2, 0, 32)
 
 
 def test_quantize_is_not_differentiable():
     z = torch.randn(4, 8, requires_grad=True)
-    codes, ids = lfq_quantize(z)
-    assert not codes.requires_grad and not ids.requires_grad
+    codes, indices = lfq_quantize(z)
+    assert not codes.requires_grad and not indices.requires_grad
 
 
 # ---- lfq_entropy --------------------------------------------------------------------------------------
@@ -225,12 +225,13 @@ def test_entropy_full_logits_d18_float64(temperature):
 def test_entropy_large_groups_match_factorized_reference(layout, order):
     D, g = layout
     z = torch.randn(9, D, dtype=torch.float64) * 0.02
-    w = torch.rand(9, dtype=torch.float64)
-    w[2] = 0.0
-    for weight in (None, w):
-        got = lfq_entropy(z, 0.05, g, return_code_probs=True, weight=weight, bit_order=order)
-        want = lfq_entropy_factorized_ref(z, 0.05, g, return_code_probs=True, weight=weight, bit_order=order)
-        assert_entropy_close(got, want, torch.float64)
+    weight = None
+    if order == "lsb":  # (one of the two orders weighted: 2^24-entry distributions are slow to check)
+        weight = torch.rand(9, dtype=torch.float64)
+        weight[2] = 0.0
+    got = lfq_entropy(z, 0.05, g, return_code_probs=True, weight=weight, bit_order=order)
+    want = lfq_entropy_factorized_ref(z, 0.05, g, return_code_probs=True, weight=weight, bit_order=order)
+    assert_entropy_close(got, want, torch.float64)
 
 
 @pytest.mark.parametrize("layout", ENTROPY_LAYOUTS + [(16, 0), (16, 8)], ids=lambda l: "D{}-g{}".format(*l))
@@ -391,9 +392,9 @@ def test_opcheck(order):
     for g in (0, 4):
         torch.library.opcheck(torch.ops.fastvq.lfq_quantize.default, (z, g, order))
         torch.library.opcheck(torch.ops.fastvq.lfq_quantize.default, (z.bfloat16(), g, order))
-    ids = torch.randint(0, 1 << 4, (9, 4))
-    torch.library.opcheck(torch.ops.fastvq.lfq_codes_from_indices.default, (ids, 16, 4, torch.float16, order))
-    torch.library.opcheck(torch.ops.fastvq.lfq_codes_from_indices.default, (ids[:, 0], 4, 0, None, order))
+    indices = torch.randint(0, 1 << 4, (9, 4))
+    torch.library.opcheck(torch.ops.fastvq.lfq_codes_from_indices.default, (indices, 16, 4, torch.float16, order))
+    torch.library.opcheck(torch.ops.fastvq.lfq_codes_from_indices.default, (indices[:, 0], 4, 0, None, order))
     mask = torch.rand(11) > 0.3
     for dtype in (torch.float32, torch.float64):
         zg = (torch.randn(11, 8, dtype=dtype) * 0.1).requires_grad_(True)
@@ -412,9 +413,9 @@ def test_torch_compile_fullgraph_ops():
     torch._dynamo.reset()
 
     def fn(z, w):
-        codes, ids = lfq_quantize(z, 4, "lsb")
+        codes, indices = lfq_quantize(z, 4, "lsb")
         sample, codebook, code_probs = lfq_entropy(z, 0.1, 4, return_code_probs=True, weight=w)
-        return codes, ids, lfq_codes_from_indices(ids, z.shape[-1], 4, bit_order="lsb"), sample - codebook, code_probs
+        return codes, indices, lfq_codes_from_indices(indices, z.shape[-1], 4, bit_order="lsb"), sample - codebook, code_probs
 
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
     z = torch.randn(40, 12)
@@ -425,9 +426,9 @@ def test_torch_compile_fullgraph_ops():
 
 
 def test_meta_tensors_shape_only():
-    codes, ids = lfq_quantize(torch.empty(2, 3, 32, device="meta", dtype=torch.bfloat16), 8)
-    assert codes.shape == (2, 3, 32) and codes.dtype == torch.bfloat16 and ids.shape == (2, 3, 4)
-    assert ids.dtype == torch.int64
+    codes, indices = lfq_quantize(torch.empty(2, 3, 32, device="meta", dtype=torch.bfloat16), 8)
+    assert codes.shape == (2, 3, 32) and codes.dtype == torch.bfloat16 and indices.shape == (2, 3, 4)
+    assert indices.dtype == torch.int64
     codes = lfq_codes_from_indices(torch.empty(5, 4, dtype=torch.long, device="meta"), 32, 8, torch.float64)
     assert codes.shape == (5, 32) and codes.dtype == torch.float64
     s, c, p = lfq_entropy(torch.empty(7, 12, device="meta", dtype=torch.float16), 0.1, 4, True)
@@ -445,18 +446,18 @@ def test_emulated_quantize_and_codes_from_indices(schedule, cuda_ops, layout, dt
     zbuf = torch.randn(2 * D, 300).to(dtype)
     z = zbuf.t()[:, ::2]  # [300, D] non-contiguous: rows past one 256-thread block
     z[0, 0], z[1, 0], z[2, 0] = 0.0, float("nan"), -0.0
-    codes, ids = cuda_ops.lfq_quantize(z, g)
-    codes_cpu, ids_cpu = lfq_quantize(z, g)
-    assert torch.equal(codes, codes_cpu) and torch.equal(ids, ids_cpu)
-    unpacked = cuda_ops.lfq_codes_from_indices(ids, D, g, dtype)
+    codes, indices = cuda_ops.lfq_quantize(z, g)
+    codes_cpu, indices_cpu = lfq_quantize(z, g)
+    assert torch.equal(codes, codes_cpu) and torch.equal(indices, indices_cpu)
+    unpacked = cuda_ops.lfq_codes_from_indices(indices, D, g, dtype)
     assert torch.equal(unpacked, codes_cpu)
-    e_codes, e_ids = cuda_ops.lfq_quantize(z[:0], g)
-    assert e_codes.shape == (0, D) and e_ids.shape == ids[:0].shape
+    e_codes, e_indices = cuda_ops.lfq_quantize(z[:0], g)
+    assert e_codes.shape == (0, D) and e_indices.shape == indices[:0].shape
 
 
 @pytest.mark.parametrize("layout", [(1, 0), (7, 0), (12, 4), (15, 0), (16, 8)], ids=lambda l: "D{}-g{}".format(*l))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("order, weighted", [("msb", False), ("lsb", False), ("msb", True)])
+@pytest.mark.parametrize("order, weighted", [("lsb", False), ("msb", True)])
 def test_emulated_entropy_forward_and_backward(schedule, cuda_ops, layout, dtype, order, weighted):
     D, g = layout
     zbuf = (torch.randn(D, 2 * 70) * 0.05).to(dtype)

@@ -122,20 +122,20 @@ FASTVQ_HOST_DEVICE uint64_t lfq_reverse_bits(uint64_t v, int64_t g) {
 // codes[j] = +1 / -1 and the group's lsb index (bit j = dim j), for the g dims starting at z (stride stride_d).
 template <typename scalar_t>
 FASTVQ_HOST_DEVICE int64_t lfq_quantize_group(const scalar_t* z, int64_t stride_d, int64_t g, scalar_t* codes) {
-  uint64_t id = 0;
+  uint64_t index = 0;
   for (int64_t j = 0; j < g; ++j) {
     // Compared in the input's own precision (float64 stays float64: a tiny positive double is still > 0).
     const bool bit = static_cast<lfq_acc_t<scalar_t>>(z[j * stride_d]) > lfq_acc_t<scalar_t>(0);  // NaN, 0 -> 0
-    id |= static_cast<uint64_t>(bit) << j;
+    index |= static_cast<uint64_t>(bit) << j;
     codes[j] = static_cast<scalar_t>(bit ? 1.f : -1.f);
   }
-  return static_cast<int64_t>(id);
+  return static_cast<int64_t>(index);
 }
 
-// codes of the lsb index id (bit j -> dim j).
+// codes of an lsb index (bit j -> dim j).
 template <typename scalar_t>
-FASTVQ_HOST_DEVICE void lfq_unpack_group(int64_t id, int64_t g, scalar_t* codes) {
-  for (int64_t j = 0; j < g; ++j) codes[j] = static_cast<scalar_t>(((id >> j) & 1) ? 1.f : -1.f);
+FASTVQ_HOST_DEVICE void lfq_unpack_group(int64_t index, int64_t g, scalar_t* codes) {
+  for (int64_t j = 0; j < g; ++j) codes[j] = static_cast<scalar_t>(((index >> j) & 1) ? 1.f : -1.f);
 }
 
 // An index in the requested bit order from / to the lsb order the row functions use.
@@ -143,7 +143,9 @@ FASTVQ_HOST_DEVICE int64_t lfq_order_index(int64_t lsb_or_msb, int64_t g, bool m
   return msb ? static_cast<int64_t>(lfq_reverse_bits(static_cast<uint64_t>(lsb_or_msb), g)) : lsb_or_msb;
 }
 
-FASTVQ_HOST_DEVICE bool lfq_id_valid(int64_t id, int64_t g) { return id >= 0 && (g >= 63 || (id >> g) == 0); }
+FASTVQ_HOST_DEVICE bool lfq_index_valid(int64_t index, int64_t g) {
+  return index >= 0 && (g >= 63 || (index >> g) == 0);
+}
 
 // ---- entropy: one (row, group) ---------------------------------------------------------------------
 

@@ -36,11 +36,11 @@ __global__ void __launch_bounds__(kThreads) lfq_unpack_kernel(const LfqUnpackPar
   const int64_t G = p.D / p.g;
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < p.N; n += int64_t(gridDim.x) * blockDim.x) {
     for (int64_t grp = 0; grp < G; ++grp) {
-      const int64_t id = p.indices[n * p.indices_stride_n + grp * p.indices_stride_g];
+      const int64_t index = p.indices[n * p.indices_stride_n + grp * p.indices_stride_g];
       // Checked on the host; an index out of range anyway gives its group's codes for its low g bits (every
       // write stays in the group), and the assert (diagnosis only) trips.
-      FASTVQ_KERNEL_ASSERT(lfq_id_valid(id, p.g) && "lfq_codes_from_indices: index out of range [0, 2^g)");
-      lfq_unpack_group<scalar_t>(lfq_order_index(id, p.g, p.msb), p.g, codes + n * p.D + grp * p.g);
+      FASTVQ_KERNEL_ASSERT(lfq_index_valid(index, p.g) && "lfq_codes_from_indices: index out of range [0, 2^g)");
+      lfq_unpack_group<scalar_t>(lfq_order_index(index, p.g, p.msb), p.g, codes + n * p.D + grp * p.g);
     }
   }
 }
@@ -125,11 +125,12 @@ at::Tensor lfq_codes_from_indices_cuda(const at::Tensor& indices, int64_t dim, i
   LfqUnpackSetup st = lfq_codes_from_indices_setup(indices, dim, group_bits, dtype, bit_order);
   if (st.N == 0) return st.codes;
   const int64_t N = st.N, g = st.g;
-  const at::Tensor& ids2 = st.indices2;
-  lfq_check_indices(ids2, g, cuda_value_check());
+  const at::Tensor& indices2 = st.indices2;
+  lfq_check_indices(indices2, g, cuda_value_check());
   at::Tensor& codes = st.codes;
   LfqUnpackParams p{};
-  p.indices = ids2.data_ptr<int64_t>(), p.indices_stride_n = ids2.stride(0), p.indices_stride_g = ids2.stride(1);
+  p.indices = indices2.data_ptr<int64_t>();
+  p.indices_stride_n = indices2.stride(0), p.indices_stride_g = indices2.stride(1);
   p.codes = codes.data_ptr(), p.N = N, p.D = dim, p.g = g, p.msb = st.msb;
   const auto stream = FASTVQ_CUDA_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "lfq_codes_from_indices_cuda", [&] {

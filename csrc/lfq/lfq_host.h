@@ -27,7 +27,7 @@
 
 namespace fastvq {
 
-constexpr int64_t kLfqMaxIdBits = 62;       // an id is a non-negative int64
+constexpr int64_t kLfqMaxIndexBits = 62;       // an index is a non-negative int64
 constexpr int64_t kLfqMaxEntropyBits = 24;  // exact code distribution: 2^g entries per group
 
 // Bits per group for a [..., D] tensor: D when group_bits == 0, else group_bits (which must divide D).
@@ -35,7 +35,8 @@ inline int64_t lfq_group_width(const char* op, int64_t D, int64_t group_bits, in
   TORCH_CHECK(group_bits >= 0, op, ": group_bits must be >= 0, got ", group_bits);
   if (group_bits == 0) {
     TORCH_CHECK(D <= max_bits, op, ": D=", D, " needs group_bits (one group of more than ", max_bits,
-                max_bits == kLfqMaxIdBits ? " bits does not fit an int64 id)" : " bits has no exact codebook entropy)");
+                max_bits == kLfqMaxIndexBits ? " bits does not fit an int64 index)"
+                                             : " bits has no exact codebook entropy)");
     return D;
   }
   TORCH_CHECK(group_bits <= max_bits, op, ": group_bits must be <= ", max_bits, ", got ", group_bits);
@@ -72,12 +73,12 @@ inline LfqQuantizeSetup lfq_quantize_setup(const at::Tensor& z, int64_t group_bi
   LfqQuantizeSetup s;
   s.msb = lfq_msb("lfq_quantize", bit_order);
   s.D = z.size(-1), s.N = leading_numel(z, 1);
-  s.g = lfq_group_width("lfq_quantize", s.D, group_bits, kLfqMaxIdBits), s.G = s.D / s.g;
+  s.g = lfq_group_width("lfq_quantize", s.D, group_bits, kLfqMaxIndexBits), s.G = s.D / s.g;
   s.codes = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  auto id_shape = z.sizes().vec();
-  id_shape.pop_back();
-  if (group_bits != 0) id_shape.push_back(s.G);
-  s.indices = at::empty(id_shape, z.options().dtype(at::kLong));
+  auto index_shape = z.sizes().vec();
+  index_shape.pop_back();
+  if (group_bits != 0) index_shape.push_back(s.G);
+  s.indices = at::empty(index_shape, z.options().dtype(at::kLong));
   if (s.N > 0) s.z2 = z.reshape({s.N, s.D});
   return s;
 }
@@ -99,7 +100,7 @@ inline LfqUnpackSetup lfq_codes_from_indices_setup(const at::Tensor& indices, in
   TORCH_CHECK(is_supported_float(out_dtype), op, ": dtype must be a floating type, got ", out_dtype);
   LfqUnpackSetup s;
   s.msb = lfq_msb(op, bit_order);
-  s.g = lfq_group_width(op, dim, group_bits, kLfqMaxIdBits), s.G = dim / s.g;
+  s.g = lfq_group_width(op, dim, group_bits, kLfqMaxIndexBits), s.G = dim / s.g;
   if (group_bits != 0) {
     TORCH_CHECK(indices.dim() >= 1 && indices.size(-1) == s.G, op, ": indices must be [..., dim / group_bits] = [..., ",
                 s.G, "], got shape ", indices.sizes());
@@ -230,7 +231,8 @@ template <typename acc_t, typename RunRows>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lfq_entropy_forward_impl(const at::Tensor& z, double temperature,
                                                                         int64_t group_bits,
                                                                         const std::optional<at::Tensor>& weight,
-                                                                        std::string_view bit_order, RunRows&& run_rows) {
+                                                                        std::string_view bit_order,
+                                                                        RunRows&& run_rows) {
   const LfqEntropyShape s = lfq_entropy_shape(z, temperature, group_bits, bit_order);
   const LfqFp32Gemms fp32_gemms;
   const auto opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);

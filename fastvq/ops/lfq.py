@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_ID_BITS = 62
+MAX_INDEX_BITS = 62
 MAX_ENTROPY_BITS = 24
 BIT_ORDERS = ("msb", "lsb")
 
@@ -99,9 +99,9 @@ def _lfq_quantize_fake(z: Tensor, group_bits: int = 0, bit_order: str = "msb") -
     _check_z("lfq_quantize", z)
     _check_bit_order("lfq_quantize", bit_order)
     D = z.shape[-1]
-    g = _group_width("lfq_quantize", D, group_bits, MAX_ID_BITS)
-    id_shape = z.shape[:-1] if group_bits == 0 else (*z.shape[:-1], D // g)
-    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(id_shape, dtype=torch.long)
+    g = _group_width("lfq_quantize", D, group_bits, MAX_INDEX_BITS)
+    index_shape = z.shape[:-1] if group_bits == 0 else (*z.shape[:-1], D // g)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(index_shape, dtype=torch.long)
 
 
 @torch.library.register_fake("fastvq::lfq_codes_from_indices")
@@ -110,7 +110,7 @@ def _lfq_codes_from_indices_fake(indices: Tensor, dim: int, group_bits: int = 0,
     op = "lfq_codes_from_indices"
     torch._check(indices.dtype == torch.long, lambda: f"{op}: indices must be int64, got {indices.dtype}")
     _check_bit_order(op, bit_order)
-    g = _group_width(op, dim, group_bits, MAX_ID_BITS)
+    g = _group_width(op, dim, group_bits, MAX_INDEX_BITS)
     lead = indices.shape if group_bits == 0 else indices.shape[:-1]
     if group_bits != 0:
         torch._check(indices.dim() >= 1 and indices.shape[-1] == dim // g,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_ID_BITS = 62  # an id of up to 62 bits fits a (non-negative) int64 with room to spare
+MAX_INDEX_BITS = 62  # an index of up to 62 bits fits a (non-negative) int64 with room to spare
 MAX_ENTROPY_BITS = 24  # exact whole-codebook entropy: 2^24 codes per group at most
 BIT_ORDERS = ("msb", "lsb")
 
@@ -34,12 +34,12 @@ EntropyResult = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
 def _group_width(op: str, dim: int, group_bits: int) -> int:
     """Bits per group ``g`` (``dim`` itself when ``group_bits == 0``), after checking the combination."""
     if group_bits == 0:
-        if not 1 <= dim <= MAX_ID_BITS:
-            raise ValueError(f"{op}: the last dim D={dim} must be in [1, {MAX_ID_BITS}] without group_bits "
-                             "(an id must fit an int64)")
+        if not 1 <= dim <= MAX_INDEX_BITS:
+            raise ValueError(f"{op}: the last dim D={dim} must be in [1, {MAX_INDEX_BITS}] without group_bits "
+                             "(an index must fit an int64)")
         return dim
-    if not 1 <= group_bits <= MAX_ID_BITS:
-        raise ValueError(f"{op}: group_bits must be 0 or in [1, {MAX_ID_BITS}], got {group_bits}")
+    if not 1 <= group_bits <= MAX_INDEX_BITS:
+        raise ValueError(f"{op}: group_bits must be 0 or in [1, {MAX_INDEX_BITS}], got {group_bits}")
     if dim % group_bits != 0:
         raise ValueError(f"{op}: D={dim} must be divisible by group_bits={group_bits}")
     return group_bits
