@@ -10,9 +10,12 @@
   form needs (forward ``P_B^T P_A`` and the two gradient products, ``2 * rows * 2^9 * 2^9`` each), the
   report's GEMM floor; the full-logit row has none. ``peak_bytes`` in ``extra_info`` is the peak
   resident-memory increase of one forward + backward, measured in a fresh process.
-- ``lfq_quantize`` (sign + bit packing): memory-bound; ``bytes`` = z read + codes and ids written.
-- ``lfq_codes_from_ids`` (unpacking): memory-bound; ``bytes`` = ids read + float32 codes written.
+- ``lfq_quantize`` (sign + bit packing): memory-bound; ``bytes`` = z read + codes and indices written.
+- ``lfq_codes_from_indices`` (unpacking): memory-bound; ``bytes`` = indices read + float32 codes written.
   For both, the PyTorch reference is the only alternative (the ``best`` baseline).
+- ``fastvq.nn.LFQ`` forward + backward (loss and output) against ``vector_quantize_pytorch.LFQ`` with the same
+  keywords (2^14 codes, one codebook, commitment weight 0.25; the ``best`` baseline, skipped when it is not
+  installed): the module-level gain is the entropy op's (no ``[N, 2^14]`` logits).
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ import pytest
 import torch
 
 from fastvq.bench import timed_row
-from fastvq.ops import lfq_codes_from_ids, lfq_entropy, lfq_quantize
-from fastvq.reference import lfq_codes_from_ids_ref, lfq_entropy_ref, lfq_quantize_ref
+from fastvq.ops import lfq_codes_from_indices, lfq_entropy, lfq_quantize
+from fastvq.reference import lfq_codes_from_indices_ref, lfq_entropy_ref, lfq_quantize_ref
 from fastvq.reference.lfq import lfq_entropy_factorized_ref
 
 if TYPE_CHECKING:
@@ -110,18 +113,41 @@ def test_quantize(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: 
         **({"baseline": "best"} if impl == "reference" else {}))
 
 
-UNPACK_IMPLS = {"fastvq": lfq_codes_from_ids, "reference": lfq_codes_from_ids_ref}
+UNPACK_IMPLS = {"fastvq": lfq_codes_from_indices, "reference": lfq_codes_from_indices_ref}
 
 
 @pytest.mark.parametrize(("dim", "group_bits"), [(18, 0), (128, 8)])
 @pytest.mark.parametrize("impl", UNPACK_IMPLS)
-def test_codes_from_ids(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, dim: int,
-                        group_bits: int) -> None:
+def test_codes_from_indices(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str, dim: int,
+                            group_bits: int) -> None:
     n = bench_config.scaled(65536)
     g = group_bits or dim
     shape = (n,) if group_bits == 0 else (n, dim // g)
-    ids = bench_config.on(torch.randint(0, 2**g, shape, generator=torch.Generator().manual_seed(0)))
+    indices = bench_config.on(torch.randint(0, 2**g, shape, generator=torch.Generator().manual_seed(0)))
     unpack = UNPACK_IMPLS[impl]
-    timed_row(benchmark, bench_config, lambda: unpack(ids, dim, group_bits), f"lfq_codes_from_ids {n}x{dim} g={group_bits}",
-        op="lfq_codes_from_ids", impl=impl, N=n, rows=n, G=dim // g, bytes=ids.nbytes + n * dim * 4,
+    timed_row(benchmark, bench_config, lambda: unpack(indices, dim, group_bits),
+        f"lfq_codes_from_indices {n}x{dim} g={group_bits}",
+        op="lfq_codes_from_indices", impl=impl, N=n, rows=n, G=dim // g, bytes=indices.nbytes + n * dim * 4,
         **({"baseline": "best"} if impl == "reference" else {}))
+
+
+MODULE_BITS = 14
+
+
+@pytest.mark.parametrize("impl", ["fastvq", "vector-quantize-pytorch"])
+def test_module(benchmark: BenchmarkFixture, bench_config: BenchConfig, impl: str) -> None:
+    if impl == "fastvq":
+        from fastvq.nn import LFQ
+    else:
+        LFQ = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch not installed").LFQ
+    n = bench_config.scaled(4096)
+    quantizer = LFQ(codebook_size=2**MODULE_BITS, commitment_loss_weight=0.25).to(bench_config.device)
+    x = bench_config.on(torch.randn(1, n, MODULE_BITS, generator=torch.Generator().manual_seed(0))).requires_grad_()
+
+    def forward_backward() -> None:
+        quantized, _, loss = quantizer(x)
+        (loss + quantized.sum()).backward()
+        x.grad = None
+
+    timed_row(benchmark, bench_config, forward_backward, f"LFQ module fwd+bwd 2^{MODULE_BITS} codes N={n}",
+        op="lfq_module", impl=impl, N=n, rows=n, G=1, **({"baseline": "best"} if impl != "fastvq" else {}))

@@ -212,6 +212,7 @@ def test_module_train_step(benchmark: BenchmarkFixture, bench_config: BenchConfi
     cls_name, kwargs = case.modules[impl]
     timed_row(benchmark, bench_config, lambda: train_step(module, x),
               f"module fwd+bwd {case.name} {n}x{case.heads}x{case.codebook_size}x{case.codebook_dim}",
-              op="module", impl=impl, module=cls_name, kwargs=repr(kwargs), N=n, rows=rows, G=case.heads,
+              op="module", impl="vector-quantize-pytorch" if impl == "vqp" else impl, module=cls_name,
+              kwargs=repr(kwargs), N=n, rows=rows, G=case.heads,
               K=case.codebook_size, d=case.codebook_dim, flops=case.flops(rows), peak_bytes=memory,
               **({"baseline": "best"} if impl == "vqp" else {}))

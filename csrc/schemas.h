@@ -8,12 +8,14 @@
   X("mcq_search(Tensor z, Tensor codebooks, str metric=\"l2\") -> (Tensor indices, Tensor scores)")  \
   X("mcq_gather(Tensor indices, Tensor codebooks) -> Tensor")                                        \
   /* Lookup-free / binary quantization (MergeVQ LFQ, BSQ, UniWeTok). docs/ops/lfq.md */              \
-  X("lfq_quantize(Tensor z, int group_bits=0) -> (Tensor codes, Tensor ids)")                        \
-  X("lfq_codes_from_ids(Tensor ids, int dim, int group_bits=0, ScalarType? dtype=None) -> Tensor")   \
-  X("lfq_entropy(Tensor z, float temperature=0.01, int group_bits=0) -> "                            \
-    "(Tensor sample_entropy, Tensor codebook_entropy, Tensor code_probs)")                           \
+  X("lfq_quantize(Tensor z, int group_bits=0, str bit_order=\"msb\") -> (Tensor codes, Tensor indices)") \
+  X("lfq_codes_from_indices(Tensor indices, int dim, int group_bits=0, ScalarType? dtype=None, "     \
+    "str bit_order=\"msb\") -> Tensor")                                                               \
+  X("lfq_entropy(Tensor z, float temperature=0.01, int group_bits=0, Tensor? weight=None, "          \
+    "str bit_order=\"msb\") -> (Tensor sample_entropy, Tensor codebook_entropy, Tensor code_probs)")  \
   X("lfq_entropy_backward(Tensor? grad_sample, Tensor? grad_codebook, Tensor? grad_code_probs, "     \
-    "Tensor z, Tensor code_probs, float temperature, int group_bits) -> Tensor")                     \
+    "Tensor z, Tensor code_probs, float temperature, int group_bits, Tensor? weight, str bit_order) "  \
+    "-> Tensor")                                                                                     \
   /* Token merging with a source map (ToMe / MergeVQ). docs/ops/merge.md */                          \
   X("bipartite_merge(Tensor x, Tensor metric, Tensor sizes, int r, bool protect_first=False) -> "    \
     "(Tensor merged, Tensor merged_sizes, Tensor assign)")                                           \

@@ -115,9 +115,10 @@ def timed_row(benchmark: Any, config: Any, fn: Callable[[], object], group: str,
         benchmark.extra_info["cuda_event_median_s"] = statistics.median(event_s)
 
 
-OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize", "lfq_codes_from_ids", "bipartite_merge",
-            "decode_attention", "segment_sum", "kmeans", "module")
-IMPL_ORDER = ("fastvq", "fastvq-ops", "vqp", "faiss", "sdpa-sliced", "factorized", "reference", "torch-chunked",
+OP_ORDER = ("mcq_search", "mcq_gather", "lfq_entropy", "lfq_quantize", "lfq_codes_from_indices", "bipartite_merge",
+            "decode_attention", "segment_sum", "kmeans", "module", "lfq_module")
+IMPL_ORDER = ("fastvq", "fastvq-ops", "faiss", "vector-quantize-pytorch", "sdpa-sliced", "factorized", "reference",
+              "torch-chunked",
               "scatter_reduce", "sort+segment_reduce", "full-mask", "full-prefix-mask")
 
 

@@ -59,9 +59,9 @@ CASES = [
     ("mcq_gather-empty-codebook", "mcq_gather", lambda: (_idx((5, 2), (1, 1), -1), torch.randn(2, 0, 3)),
      lambda out, a: bool(out[1, 1].eq(0).all()) and bool(out[0].isnan().all())),  # -1 still gives zeros
     ("mcq_gather-d0", "mcq_gather", lambda: (_idx((5, 2), (2, 0), 9), torch.randn(2, 4, 0)), None),
-    ("lfq_codes_from_ids-2^g", "lfq_codes_from_ids", lambda: (_idx((5, 2), (3, 1), 256), 16, 8, None), None),
-    ("lfq_codes_from_ids-negative", "lfq_codes_from_ids", lambda: (_idx((5, 2), (1, 0), -1), 16, 8, None), None),
-    ("lfq_codes_from_ids-ungrouped", "lfq_codes_from_ids", lambda: (_idx((4,), (2,), 1 << 12), 12, 0, None), None),
+    ("lfq_codes_from_indices-2^g", "lfq_codes_from_indices", lambda: (_idx((5, 2), (3, 1), 256), 16, 8, None), None),
+    ("lfq_codes_from_indices-negative", "lfq_codes_from_indices", lambda: (_idx((5, 2), (1, 0), -1), 16, 8, None), None),
+    ("lfq_codes_from_indices-ungrouped", "lfq_codes_from_indices", lambda: (_idx((4,), (2,), 1 << 12), 12, 0, None), None),
     ("bipartite_merge-negative-size", "bipartite_merge", lambda: _merge_inputs(lambda s: s.__setitem__((1, 6), -1.0)),
      None),
     ("bipartite_merge-zero-size", "bipartite_merge", lambda: _merge_inputs(lambda s: s.__setitem__((0, 0), 0.0)), None),
