@@ -222,6 +222,20 @@ def test_one_optimizer_step_lowers_the_loss():
     assert after["loss"] < before["loss"] - 1e-3, (before["loss"].item(), after["loss"].item())
 
 
+def test_grad_checkpointing_gives_the_same_values_and_gradients():
+    x = images(2)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = tiny(perceptual_weight=0.0, grad_checkpointing=ckpt).train()
+        rec, losses = model(x)
+        losses["loss"].backward()
+        grads.append((rec.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_last_layer_feeds_the_adaptive_gan_weight():
     model = tiny(perceptual_weight=0.0).train()
     assert model.last_layer is model.decoder.out_conv.weight

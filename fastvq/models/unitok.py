@@ -59,7 +59,9 @@ class UniTokConfig:
     ``num_codebooks`` codebooks of ``codebook_size`` codes of ``code_dim / num_codebooks`` dims, cosine,
     ``commitment_weight`` (UniTok's β). CLIP branch: ``clip_dim``, ``text_dim`` (the text tower's width),
     ``init_temperature``. Loss weights: ``l1_weight`` 0.2, ``l2_weight`` 1, ``perceptual_weight`` 1, ``vq_weight``
-    1, ``contrastive_weight`` 1 (used by ``forward``); ``gan_weight`` 0.4 (used by the trainer)."""
+    1, ``contrastive_weight`` 1 (used by ``forward``); ``gan_weight`` 0.4 (used by the trainer).
+    ``grad_checkpointing``: recompute each ViT block in the backward pass while training (UniTok's ``grad_ckpt``;
+    same values and gradients, less activation memory at paper scale)."""
 
     image_size: int = 256
     in_channels: int = 3
@@ -87,6 +89,7 @@ class UniTokConfig:
     vq_weight: float = 1.0
     contrastive_weight: float = 1.0
     gan_weight: float = 0.4
+    grad_checkpointing: bool = False
 
     @property
     def downsample(self) -> int:
@@ -120,6 +123,15 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _run_blocks(blocks: nn.ModuleList, x: Tensor, checkpointing: bool) -> Tensor:
+    for blk in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
 class ViTaminEncoder(nn.Module):
     """ViTamin's hybrid trunk as UniTok uses it (no class token, no position embedding, final LayerNorm):
     ``images [B, in_channels, H, W] → tokens [B, (H/s)·(W/s), width]``, ``s = 2^(stages + 2)`` (16 for ViTamin).
@@ -140,13 +152,12 @@ class ViTaminEncoder(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, mlp="geglu", inner_norm=True)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.to_tokens(self.stages(self.stem(images)))  # [B, width, h, w]
         x = x.flatten(2).transpose(1, 2)                     # [B, h·w, width]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.norm(_run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
 
 
 class InvMBConv(nn.Module):
@@ -201,12 +212,11 @@ class ViTaminDecoder(nn.Module):
         self.out_up = Upsample(prev, prev)
         self.out_norm = LayerNorm2d(prev, eps=1e-6)
         self.out_conv = nn.Conv2d(prev, cfg.in_channels, 3, padding=1)
+        self.grad_checkpointing = cfg.grad_checkpointing
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         b, n, c = tokens.shape
-        x = tokens
-        for blk in self.blocks:
-            x = blk(x)
+        x = _run_blocks(self.blocks, tokens, self.grad_checkpointing and self.training)
         x = self.norm(x).transpose(1, 2).reshape(b, c, grid[0], grid[1])  # [B, width, h, w]
         x = self.stages(self.up(x))
         return self.out_conv(F.gelu(self.out_norm(self.out_up(x))))
