@@ -1,11 +1,16 @@
-"""fastvq.models: the tokenizers' building blocks (:mod:`fastvq.models.blocks`; docs/models.md).
+"""fastvq.models: the tokenizers and their building blocks (docs/models.md).
 
-Not imported by ``import fastvq``. Plain PyTorch only: the model files of UniTok, MergeVQ, VQRAE and UniWeTok are
-assembled from these blocks and ``fastvq.nn``'s quantizers.
+Not imported by ``import fastvq``. Plain PyTorch only at import time: the tokenizers (:mod:`fastvq.models.unitok`,
+...) share the API of :mod:`fastvq.models.tokenizer` and are assembled from :mod:`fastvq.models.blocks` and
+``fastvq.nn``'s quantizers. ``from_preset(name)`` builds a registered preset (``list_presets()``).
 """
 from fastvq.models import blocks  # noqa: F401
 from fastvq.models.blocks import (AdaptiveGroupNorm, Attention, AttnProjection, Downsample, GeGLU, LayerNorm2d,
                                   MBConv, ResBlock, RoPE2D, Upsample, ViTaminStem, ViTBlock)
+from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, from_preset, from_pretrained, list_presets,
+                                     register_preset)
+from fastvq.models.unitok import UniTok, UniTokConfig
 
 __all__ = ["AdaptiveGroupNorm", "Attention", "AttnProjection", "Downsample", "GeGLU", "LayerNorm2d", "MBConv",
-           "ResBlock", "RoPE2D", "Upsample", "ViTBlock", "ViTaminStem", "blocks"]
+           "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig", "Upsample", "ViTBlock",
+           "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets", "register_preset"]
