@@ -23,18 +23,6 @@ COSINE_EPS = 1e-6  # F.normalize's eps for cosine codebooks (vector-quantize-pyt
 _M32 = 0xFFFFFFFF
 
 
-def _gather_codes(indices: Tensor, codebooks: Tensor) -> Tensor:
-    """``mcq_gather`` with ``-1 -> zeros``: ``indices [..., G]`` (int64, ``-1`` = masked) and
-    ``codebooks [G, K, d]`` -> ``[..., G, d]``, differentiable w.r.t. ``codebooks`` (a masked entry adds
-    nothing to any code's gradient).
-
-    The one place that maps masked indices: once ``mcq_gather`` takes ``-1`` itself, this becomes a plain
-    ``mcq_gather(indices, codebooks)``."""
-    valid = indices >= 0
-    codes = mcq_gather(indices.clamp_min(0), codebooks)
-    return codes.masked_fill(~valid[..., None], 0.0)
-
-
 def _mix32(h: Tensor) -> Tensor:
     """A bijection of ``[0, 2^32)`` (int64 holding 32-bit values) with good avalanche: the integer hash
     finaliser ``h ^= h >> 16; h *= 0x45d9f3b`` (twice), ``h ^= h >> 16``. No product exceeds 2^59."""
@@ -283,9 +271,9 @@ class VectorQuantize(nn.Module):
         differentiable w.r.t. a learnable codebook."""
         embed = self.embed.float()
         if self.separate_codebook_per_head:
-            codes = _gather_codes(indices, embed)
+            codes = mcq_gather(indices, embed)  # -1 -> zeros
         else:
-            codes = _gather_codes(indices.reshape(-1, 1), embed).view(*indices.shape, self.codebook_dim)
+            codes = mcq_gather(indices.reshape(-1, 1), embed).view(*indices.shape, self.codebook_dim)
         return F.normalize(codes, dim=-1, eps=COSINE_EPS) if self.use_cosine_sim else codes
 
     def _encode(self, x: Tensor) -> Tensor:
