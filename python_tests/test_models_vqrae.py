@@ -131,6 +131,23 @@ def test_paper_preset_on_meta_parameter_count():
     assert n == 412_442_352 and round(n / 1e6) == 412
 
 
+@pytest.mark.skipif(not HAS_TIMM, reason="needs timm")
+def test_paper_encoder_matches_timm_siglip_so400m_patch16_256():
+    """timm's SigLIP so400m/16 at 256 px (the same trunk as SigLIP2's), built on meta: its token path (all but
+    the attention-pool head) is our paper encoder plus the 16 x 16 x 1,152 position table ours replaces by RoPE;
+    as a TimmImageEncoder it would give the paper preset's 1,152-wide 16 x 16 tokens."""
+    import timm
+    with torch.device("meta"):
+        net = timm.create_model("vit_so400m_patch16_siglip_256", pretrained=False)
+        ours = from_preset("vqrae-paper").encoder
+    heads = ("head.", "attn_pool.", "fc_norm.")
+    trunk = sum(p.numel() for n, p in net.named_parameters() if not n.startswith(heads))
+    assert trunk == sum(p.numel() for p in ours.parameters()) + 256 * 1152 == 412_649_712
+    assert (net.num_features, net.num_prefix_tokens, net.pretrained_cfg["input_size"]) == (1152, 0, (3, 256, 256))
+    assert len(net.blocks) == len(ours.blocks) == 27
+    assert net.blocks[0].mlp.fc1.out_features == ours.blocks[0].mlp[0].out_features == 4304
+
+
 @pytest.mark.parametrize("name, size, grid, dim", [("vqrae-paper", 256, 16, 1536), ("vqrae-small", 128, 16, 768)])
 def test_large_presets_shapes_with_fake_tensors(name, size, grid, dim):
     with torch.device("meta"):

@@ -401,8 +401,9 @@ class VQRAE(Tokenizer):
 
     def decode_indices(self, indices: Tensor, extras: dict[str, Any] | None = None) -> Tensor:
         if not isinstance(indices, Tensor) or indices.dim() != 3 or indices.is_floating_point():
-            raise ValueError(f"VQRAE.decode_indices: indices must be integer [B, h, w], got "
-                             f"{getattr(indices, 'dtype', type(indices).__name__)} {list(getattr(indices, 'shape', []))}")
+            got = (f"{indices.dtype} {list(indices.shape)}" if isinstance(indices, Tensor)
+                   else type(indices).__name__)
+            raise ValueError(f"VQRAE.decode_indices: indices must be integer [B, h, w], got {got}")
         b, h, w = indices.shape
         codes = self.quantizer.get_output_from_indices(indices.reshape(b, h * w))  # [B, N, codebook_dim]
         return self._decode(codes, (h, w))
