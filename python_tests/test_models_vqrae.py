@@ -151,15 +151,14 @@ def test_paper_encoder_matches_timm_siglip_so400m_patch16_256():
 @pytest.mark.parametrize("name, size, grid, dim", [("vqrae-paper", 256, 16, 1536), ("vqrae-small", 128, 16, 768)])
 def test_large_presets_shapes_with_fake_tensors(name, size, grid, dim):
     with torch.device("meta"):
-        model = from_preset(name, perceptual_weight=0.0, stage=2)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = from_preset(name, perceptual_weight=0.0)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # shapes only; each op costs dispatch time, so one pass each
         model.to_empty(device="cpu")
         x = torch.empty(2, 3, size, size)
         out = model.train().encode(x)
         assert out.indices.shape == (2, grid, grid) and out.quantized.shape == (2, grid * grid, dim)
-        assert model._decode(out.quantized, (grid, grid)).shape == (2, 3, size, size)
         rec, losses = model(x)
-        assert rec.shape == (2, 3, size, size) and "distill" in losses
+        assert rec.shape == (2, 3, size, size) and losses["loss"].shape == ()
 
 
 def test_small_preset_size():
