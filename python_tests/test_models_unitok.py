@@ -171,6 +171,20 @@ def test_paper_preset_shapes_with_fake_tensors():
         assert rec.shape == (2, 3, 256, 256) and "contrastive" in losses
 
 
+
+def test_small_preset_shapes_and_parameter_count():
+    with torch.device("meta"):
+        model = from_preset("unitok-small", perceptual_weight=0.0)
+    cfg = model.config
+    assert (cfg.image_size, cfg.image_size // cfg.downsample, cfg.num_codebooks, cfg.codebook_size) == (128, 8, 8, 4096)
+    assert sum(p.numel() for p in model.parameters()) == 24_571_236
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        out = model.eval().encode(torch.empty(2, 3, 128, 128))
+        assert out.indices.shape == (2, 8, 8, 8) and out.quantized.shape == (2, 64, 64)
+        rec, losses = model.train()(torch.empty(2, 3, 128, 128))
+        assert rec.shape == (2, 3, 128, 128) and set(losses) >= {"l1", "l2", "vq", "loss"}
+
 # ---- consistency, gradients, training -----------------------------------------------------------------------------
 
 def test_decode_indices_equals_eval_forward():

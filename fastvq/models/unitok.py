@@ -393,3 +393,7 @@ register_preset("unitok-tiny", UniTok, UniTokConfig(
     image_size=64, stem_width=16, conv_widths=(16, 32), conv_depths=(1, 1), width=64, depth=2, num_heads=4,
     decoder_depth=2, decoder_conv_depths=(1, 1), proj_heads=2, code_dim=32, num_codebooks=4, codebook_size=256,
     clip_dim=64))
+# Benchmark-sized (bench_models.py): 128 px -> 8 x 8 tokens, ViT 384 x 6, the paper's quantizer (8 x 4,096 x 8-d).
+register_preset("unitok-small", UniTok, UniTokConfig(
+    image_size=128, stem_width=32, conv_widths=(64, 128), conv_depths=(1, 2), width=384, depth=6, num_heads=6,
+    decoder_depth=6, decoder_conv_depths=(2, 1), proj_heads=8, clip_dim=256))
