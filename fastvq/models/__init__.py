@@ -9,8 +9,10 @@ from fastvq.models.blocks import (AdaptiveGroupNorm, Attention, AttnProjection, 
                                   MBConv, ResBlock, RoPE2D, Upsample, ViTaminStem, ViTBlock)
 from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, from_preset, from_pretrained, list_presets,
                                      register_preset)
+from fastvq.models.mergevq import MergeVQ, MergeVQConfig
 from fastvq.models.unitok import UniTok, UniTokConfig
 
 __all__ = ["AdaptiveGroupNorm", "Attention", "AttnProjection", "Downsample", "GeGLU", "LayerNorm2d", "MBConv",
            "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig", "Upsample", "ViTBlock",
-           "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets", "register_preset"]
+           "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets", "register_preset",
+           "MergeVQ", "MergeVQConfig"]
