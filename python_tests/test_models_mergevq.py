@@ -138,8 +138,8 @@ def _param_count(c: MergeVQConfig) -> dict[str, int]:
         stem = _conv(c.in_channels, W, c.downsample) + 2 * W
     merging_block = 2 * W + _lin(W, 3 * W) + _lin(W, W) + W + 2 * W + _lin(W, 4 * W) + _lin(4 * W, W) + W
     encoder = stem + W + c.depth * merging_block + 2 * W + _lin(W, bits)
-    decoder_block = (2 * D + _lin(D, 3 * D) + _lin(D, D) + D + 2 * D + _lin(D, 4 * D) + _conv(4 * D, 4 * D, 3, groups=4 * D)
-                     + _lin(4 * D, D) + D)
+    decoder_block = (2 * D + _lin(D, 3 * D) + _lin(D, D) + D                                   # norm1, attn, LayerScale
+                     + 2 * D + _lin(D, 4 * D) + _conv(4 * D, 4 * D, 3, groups=4 * D) + _lin(4 * D, D) + D)  # MixMlp
     decoder, prev = _conv(bits, D, 3) + _conv(D, D, 3, groups=D) + c.decoder_depth * decoder_block, D
     for level in reversed(range(len(c.ch_mult))):
         out = c.ch * c.ch_mult[level]
@@ -150,7 +150,8 @@ def _param_count(c: MergeVQConfig) -> dict[str, int]:
         prev = out
     decoder += 2 * prev + _conv(prev, c.in_channels, 3)
     hidden = 4 * W
-    head = _lin(W, hidden) + (_lin(hidden, hidden) if c.distill_head == "mlp3" else 2 * hidden) + _lin(hidden, c.distill_dim)
+    middle = _lin(hidden, hidden) if c.distill_head == "mlp3" else 2 * hidden  # a Linear, or a LayerNorm
+    head = _lin(W, hidden) + middle + _lin(hidden, c.distill_dim)
     return {"encoder": encoder, "decoder": decoder, "distill_head": head, "total": encoder + decoder + head}
 
 
@@ -194,7 +195,7 @@ def test_presets_are_cpu_sized():
     assert counts == {"mergevq-tiny": 1_463_893, "mergevq-small": 26_725_717}
 
 
-@pytest.mark.parametrize("name, train_keep", [("mergevq-small", None), ("mergevq-gr-paper", 121),
+@pytest.mark.parametrize("name, train_keep", [("mergevq-small", 121), ("mergevq-gr-paper", None),
                                               ("mergevq-g-paper", None), ("mergevq-r-paper", None)])
 def test_shapes_with_fake_tensors(name, train_keep):
     """encode and decode_indices for every preset too large for the CPU, and one training forward (fake tensors cost
@@ -400,6 +401,15 @@ def test_compile_encoder():
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_autocast_keeps_the_quantization_path_in_fp32():
+    model = tiny().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stem = model.encoder.stem(images())
+        z, _, _ = model.encoder(images(), 36)
+        out = model.encode(images())
+    assert stem.dtype == torch.bfloat16 and z.dtype == torch.float32 and out.quantized.dtype == torch.float32
+
+
 def test_last_layer():
     model = tiny()
     assert model.last_layer is model.decoder.conv_out.weight and model.config.gan_weight == 0.1
@@ -459,7 +469,7 @@ def test_bad_keep_texts_indices_and_teacher():
     wide = model.encode(images(2, 32, 64))
     with pytest.raises(ValueError, match=r"a non-square grid of 128 tokens needs extras\['grid'\]"):
         model.decode_indices(wide.indices, {"source": wide.extras["source"]})
-    with pytest.raises(ValueError, match=r"teacher's pooled features must be \[B, 1280\] \(distill_dim\), got \[2, 16\]"):
+    with pytest.raises(ValueError, match=r"pooled features must be \[B, 1280\] \(distill_dim\), got \[2, 16\]"):
         model.set_teacher(FakeTeacher(16))
         model(x)
     learned = tiny(recovery="learned")

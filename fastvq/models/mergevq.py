@@ -40,6 +40,7 @@ from fastvq.losses import PerceptualFeatureLoss, kl_distillation_loss, reconstru
 from fastvq.models.blocks import AdaptiveGroupNorm, Attention, ResBlock
 from fastvq.models.tokenizer import Tokenizer, TokenizerOutput, register_preset
 from fastvq.nn import LFQ, MergingViTBlock, first_occurrence, merge_schedule
+from fastvq.nn._quantizer import fp32_island
 from fastvq.ops.merge import unmerge
 
 __all__ = ["MergeVQConfig", "MergeVQ", "MergeVQEncoder", "MergeVQDecoder", "MergeVQBlock", "SourceRecovery",
@@ -235,8 +236,9 @@ class MergeVQEncoder(nn.Module):
     the CNN's padding gives position) → ``blocks`` (:class:`MergeVQBlock`, the per-block ``r`` from
     :func:`fastvq.nn.merge_schedule` taking ``N + 1`` tokens to ``keep + 1``; the class token never merges) →
     the kept grid tokens in first-occurrence raster order with their source map → ``quant_in`` (GroupNorm, SiLU,
-    ``Linear(width → code_bits)``: MergeVQ's ``norm_out``, ``act_out`` and 1×1 ``conv_out``). ``cls`` is the
-    class token after the last block (MergeVQ has no final norm)."""
+    ``Linear(width → code_bits)``: MergeVQ's ``norm_out``, ``act_out`` and 1×1 ``conv_out``; in fp32 with
+    autocast off, like the quantizer after it). ``cls`` is the class token after the last block (MergeVQ has no
+    final norm)."""
 
     def __init__(self, cfg: MergeVQConfig):
         super().__init__()
@@ -270,8 +272,10 @@ class MergeVQEncoder(nn.Module):
         for blk, r in zip(self.blocks, check_keep(keep, h * w, len(self.blocks), "MergeVQEncoder")):
             x, sizes, source = blk(x, sizes, source, r=r)             # [B, T - r, width], [B, T - r], [B, 1 + N]
         tokens, source = _first_occurrence_order(x[:, 1:], source[:, 1:] - 1)  # CLS stays slot 0, holds only itself
-        z = F.silu(self.norm_out(tokens.transpose(1, 2))).transpose(1, 2)
-        return self.quant_in(z), x[:, 0], source
+        with fp32_island(images.device):  # the quantizer's input in fp32 under autocast (its signs are the codes)
+            z = F.silu(self.norm_out(tokens.float().transpose(1, 2))).transpose(1, 2)
+            z = self.quant_in(z)
+        return z, x[:, 0], source
 
 
 class _CrossAttentionBlock(nn.Module):
