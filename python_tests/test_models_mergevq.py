@@ -386,10 +386,11 @@ def test_one_optimizer_step_lowers_the_loss():
     assert after["loss"] < before["loss"] - 1e-3, (before["loss"].item(), after["loss"].item())
 
 
-def test_compile_encoder():
-    """One graph, no breaks (fullgraph); aot_eager traces forward and backward through AOTAutograd (inductor's code
-    generation alone takes a minute on the 2-core test machine)."""
-    model = tiny().train()
+@pytest.mark.parametrize("encoder", ["cnn", "patch"])
+def test_compile_encoder(encoder):
+    """One graph, no breaks (fullgraph), for the CNN stem (G, G+R) and the patch stem (R); aot_eager traces forward
+    and backward through AOTAutograd (inductor's code generation alone takes a minute on the 2-core test machine)."""
+    model = tiny(encoder=encoder, patch_width=64).train()
     x = images()
     compiled = torch.compile(model.encoder, fullgraph=True, backend="aot_eager")
     got, want = compiled(x, 36), model.encoder(x, 36)
