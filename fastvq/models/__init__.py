@@ -9,10 +9,11 @@ from fastvq.models.blocks import (AdaptiveGroupNorm, Attention, AttnProjection, 
                                   MBConv, ResBlock, RoPE2D, Upsample, ViTaminStem, ViTBlock)
 from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, from_preset, from_pretrained, list_presets,
                                      register_preset)
+from fastvq.models.mergevq import MergeVQ, MergeVQConfig
 from fastvq.models.unitok import UniTok, UniTokConfig
 from fastvq.models.vqrae import VQRAE, VQRAEConfig
 
 __all__ = ["AdaptiveGroupNorm", "Attention", "AttnProjection", "Downsample", "GeGLU", "LayerNorm2d", "MBConv",
            "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig", "Upsample", "ViTBlock",
-           "VQRAE", "VQRAEConfig", "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets",
-           "register_preset"]
+           "VQRAE", "VQRAEConfig", "MergeVQ", "MergeVQConfig", "ViTaminStem", "blocks", "from_preset",
+           "from_pretrained", "list_presets", "register_preset"]
