@@ -66,7 +66,8 @@ class LFQ(nn.Module):
         channel_first: ``[B, dim, *spatial]`` input; ``None`` (default): when ``x.dim() >= 4``.
         experimental_softplus_entropy_loss, entropy_loss_offset: see step 5.
         spherical: BSQ (binary spherical quantization), per codebook as vector-quantize-pytorch.
-        bit_order (fastvq): ``"msb"`` (vector-quantize-pytorch, BSQ-ViT) or ``"lsb"`` (Open-MAGVIT2, MergeVQ: their ``2 ** arange(d)`` mask).
+        bit_order (fastvq): ``"msb"`` (vector-quantize-pytorch, BSQ-ViT) or ``"lsb"`` (Open-MAGVIT2, MergeVQ:
+            their ``2 ** arange(d)`` mask).
         inv_temperature (fastvq; vector-quantize-pytorch has it as a forward argument, default 100 there too):
             the entropy's inverse temperature; ``forward(..., inv_temperature=...)`` overrides it.
         bound (fastvq): ``None`` or ``"siglu"`` (UniWeTok).
