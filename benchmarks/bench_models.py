@@ -44,11 +44,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODELS = {  # name -> (preset, batch size)
-    "unitok": ("unitok-small", 16),
-    "mergevq": ("mergevq-small", 16),
-    "vqrae": ("vqrae-small", 16),
-    "uniwetok": ("uniwetok-small", 16),
+MODELS = {  # name -> (preset, batch size, preset overrides, forward keywords)
+    "unitok": ("unitok-small", 16, {}, {}),
+    # keep fixed at the G+R eval count (training samples 121..256), the frozen-teacher distillation off
+    "mergevq": ("mergevq-small", 8, {"distill_weight": 0.0}, {"keep": 144}),
+    "vqrae": ("vqrae-small", 16, {}, {}),
+    "uniwetok": ("uniwetok-small", 16, {}, {}),
 }
 
 
@@ -109,11 +110,50 @@ class VQPSimVQ(nn.Module):
         return torch.tensor(float("nan"))
 
 
+def _dense_tome_block_forward(self, x, sizes=None, source=None, r=None):
+    """``MergingViTBlock.forward`` as ToMe and MergeVQ's public code compute it: ``tome_merge_dense_ref`` (ToMe's
+    matching, ``merge_wavg`` and ``merge_source``) carrying a dense one-hot ``[B, T, T0]`` source matrix from
+    block to block; the encoder's last block turns it into the integer map the rest of the model reads
+    (``argmax`` over the kept tokens, as a user of ToMe's source does)."""
+    from fastvq.reference.merge import tome_merge_dense_ref
+    B, T, _ = x.shape
+    attn, metric = self.attention(self.norm1(x), sizes)
+    x = x + attn
+    if sizes is None:
+        sizes = x.new_ones(B, T)
+    r = self.r if r is None else r
+    if r > 0:
+        x, sizes, source = tome_merge_dense_ref(x, metric.detach(), sizes, source, r, self.protect_first)
+    x = x + self.mlp(self.norm2(x))
+    if self._anchor_last:
+        source = (torch.arange(T, device=x.device).expand(B, T) if source is None
+                  else source.argmax(dim=1))
+    return x, sizes, source
+
+
+def _dense_unmerge(merged, source):
+    """The grid from an integer map the dense way: a one-hot ``[B, K, N]`` source matrix, ``sourceᵀ @ merged``."""
+    from fastvq.reference.merge import unmerge_dense_ref
+    return unmerge_dense_ref(merged, F.one_hot(source, merged.shape[1]).transpose(1, 2))
+
+
 def make_anchor(name: str, model: nn.Module) -> nn.Module:
+    import types
     if name == "unitok":
         model.quantizer = UniTokAnchorQuantizer(model.quantizer)
     elif name == "vqrae":
         model.quantizer = VQPSimVQ(model.quantizer)
+    elif name in ("mergevq", "uniwetok"):
+        import fastvq.nn.lfq
+        from fastvq.reference.lfq import lfq_entropy_ref
+        fastvq.nn.lfq.lfq_entropy = lfq_entropy_ref  # a softmax over every code: [N, 2^g] logits per group
+        if name == "mergevq":
+            import fastvq.models.mergevq
+            blocks = model.encoder.blocks
+            for i, blk in enumerate(blocks):
+                blk._anchor_last = i == len(blocks) - 1
+                blk.forward = types.MethodType(_dense_tome_block_forward, blk)
+            fastvq.models.mergevq.unmerge = _dense_unmerge
     else:
         raise NotImplementedError(f"bench_models: no anchor formulation for {name!r} yet")
     return model
@@ -135,10 +175,10 @@ def run_one(name: str, impl: str, rounds: int, batch: int | None) -> dict:
     """One (model, implementation) in this process: step time, component shares, peak memory."""
     from fastvq.bench import peak_rss_increase
     from fastvq.models import from_preset
-    preset, default_batch = MODELS[name]
+    preset, default_batch, overrides, fwd = MODELS[name]
     b = batch or default_batch
     torch.manual_seed(0)
-    model = from_preset(preset, perceptual_weight=0.0).train()
+    model = from_preset(preset, perceptual_weight=0.0, **overrides).train()
     if impl == "anchor":
         model = make_anchor(name, model)
     size = model.config.image_size
@@ -146,11 +186,13 @@ def run_one(name: str, impl: str, rounds: int, batch: int | None) -> dict:
 
     def step():
         model.zero_grad(set_to_none=True)
-        _, losses = model(x)
+        _, losses = model(x, **fwd)
         losses["loss"].backward()
 
-    # peak memory of one step, after a warm-up step on the same batch
+    # peak memory of one step on the batch, after a warm-up step on one image (libraries, lazy state)
+    x_full, x = x, x[:1]
     step()
+    x = x_full
     peak = peak_rss_increase(step)
     t_step, all_t = median_time(step, rounds)
     row = {"model": name, "preset": preset, "impl": impl, "batch": b, "image_size": size, "step_s": t_step,
@@ -159,8 +201,11 @@ def run_one(name: str, impl: str, rounds: int, batch: int | None) -> dict:
            "threads": torch.get_num_threads()}
     if impl == "fastvq":
         captured = {}
-        hook = model.quantizer.register_forward_pre_hook(
-            lambda m, args, kwargs: captured.setdefault("x", args[0].detach().clone()), with_kwargs=True)
+
+        def capture(module, args, kwargs):
+            captured.setdefault("x", args[0].detach().clone())
+
+        hook = model.quantizer.register_forward_pre_hook(capture, with_kwargs=True)
         step()
         hook.remove()
         xq = captured["x"].requires_grad_(True)
@@ -172,7 +217,49 @@ def run_one(name: str, impl: str, rounds: int, batch: int | None) -> dict:
 
         row["quantizer_s"], _ = median_time(quant, rounds)
         row["quantizer_share"] = row["quantizer_s"] / t_step
+        if name == "mergevq":
+            row["merging_s"] = merging_time(model, step, rounds)
+            row["merging_share"] = row["merging_s"] / t_step
     return row
+
+
+def merging_time(model: nn.Module, step, rounds: int) -> float:
+    """Median time of every merging op call one MergeVQ step makes (``bipartite_merge``, ``compose_source``,
+    ``unmerge``), re-run alone on the captured inputs, forward + backward of the sum of their float outputs."""
+    import fastvq.models.mergevq as mv
+    import fastvq.nn.merge as nm
+    calls = []
+    originals = {(nm, "bipartite_merge"): nm.bipartite_merge, (nm, "compose_source"): nm.compose_source,
+                 (mv, "unmerge"): mv.unmerge}
+
+    def recording(fn):
+        def wrapper(*args):
+            calls.append((fn, [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]))
+            return fn(*args)
+        return wrapper
+
+    for (mod, attr), fn in originals.items():
+        setattr(mod, attr, recording(fn))
+    try:
+        step()
+    finally:
+        for (mod, attr), fn in originals.items():
+            setattr(mod, attr, fn)
+
+    def rerun():
+        total = 0.0
+        for fn, args in calls:
+            args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() and i == 0
+                    else a for i, a in enumerate(args)]
+            outs = fn(*args)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            float_outs = [o for o in outs if o.is_floating_point() and o.requires_grad]
+            if float_outs:
+                total = total + sum(o.sum() for o in float_outs)
+        if isinstance(total, torch.Tensor):
+            total.backward()
+
+    return median_time(rerun, rounds)[0]
 
 
 def main(argv=None) -> None:
@@ -211,8 +298,8 @@ def main(argv=None) -> None:
     print(f"\nfastvq {fastvq.__version__}, cpu_isa {fastvq.cpu_isa()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print("| model (preset, batch) | fastvq step | anchor step | fastvq vs anchor | quantizer share (fastvq) "
-          "| peak mem fastvq | peak mem anchor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| merging share (fastvq) | peak mem fastvq | peak mem anchor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     by = {(r["model"], r["impl"]): r for r in rows}
     for name in MODELS:
         f, a = by.get((name, "fastvq")), by.get((name, "anchor"))
@@ -221,6 +308,7 @@ def main(argv=None) -> None:
         ratio = f"{a['step_s'] / f['step_s']:.2f}x" if a else "-"
         print(f"| {name} ({f['preset']}, {f['batch']}) | {f['step_s'] * 1e3:.1f} ms | "
               f"{a['step_s'] * 1e3 if a else float('nan'):.1f} ms | {ratio} | {f['quantizer_share']:.1%} | "
+              f"{format(f['merging_share'], '.1%') if 'merging_share' in f else '-'} | "
               f"{f['peak_bytes'] / 1e6:.0f} MB | {a['peak_bytes'] / 1e6 if a else float('nan'):.0f} MB |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
