@@ -78,7 +78,7 @@ def test_presets_and_config_round_trip():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(ch=40), r"UniWeTokConfig: every width .* divisible by num_groups=32, got widths \[40, 40, 80, 80, 80\]"),
+    (dict(ch=40), r"UniWeTokConfig: every width .* divisible by norm_groups=32, got widths \[40, 40, 80, 80, 80\]"),
     (dict(num_heads=3), r"UniWeTokConfig: the top width 64 must split into num_heads=3"),
     (dict(num_heads=32), r"UniWeTokConfig: the top width 64 .* multiple of 4"),
     (dict(code_bits=100), r"UniWeTokConfig: code_bits=100 must be a positive multiple of group_bits=8"),
@@ -109,7 +109,7 @@ def test_tiny_shapes_and_the_binary_code():
     # index of group g: sum_j [z[8g + j] > 0] 2^j (bit_order="lsb", BitDance's GFQ)
     bits = (tokens > 0).long().view(2, 8, 16, 8)
     assert torch.equal(out.indices, (bits * 2 ** torch.arange(8)).sum(-1))
-    assert 0 <= out.indices.min() and out.indices.max() < 256 and cfg.num_groups_code == 16
+    assert 0 <= out.indices.min() and out.indices.max() < 256 and cfg.num_codebooks == 16
     assert model.decode_indices(out.indices, out.extras).shape == x.shape
     rec, losses = model.train()(x)
     assert rec.shape == x.shape
@@ -136,6 +136,7 @@ def test_small_preset_shapes_with_fake_tensors():
         model.to_empty(device="cpu")
         out = model.eval().encode(torch.empty(2, 3, 128, 128))
         assert out.indices.shape == (2, 16, 16) and out.quantized.shape == (2, 16, 128)
+        assert model.decode_indices(out.indices, out.extras).shape == (2, 3, 128, 128)
         rec, losses = model.train()(torch.empty(2, 3, 128, 128))
         assert rec.shape == (2, 3, 128, 128) and losses["loss"].shape == ()
 
@@ -174,7 +175,7 @@ def test_paper_preset_on_meta_parameter_count():
     cfg = model.config
     assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.downsample, (cfg.image_size // cfg.downsample) ** 2) == (
         256, (1, 1, 2, 2, 4, 8), 4, 32, 64)
-    assert (cfg.code_bits, cfg.group_bits, cfg.num_groups_code, cfg.bit_order) == (128, 8, 16, "lsb")
+    assert (cfg.code_bits, cfg.group_bits, cfg.num_codebooks, cfg.bit_order) == (128, 8, 16, "lsb")
     assert (cfg.attn_blocks, cfg.num_heads, cfg.num_registers, int(2048 * cfg.mlp_ratio)) == (2, 16, 4, 5632)
     assert (cfg.l1_weight, cfg.perceptual_weight, cfg.entropy_weight, cfg.commitment_weight, cfg.inv_temperature,
             cfg.gan_weight, cfg.distill_weight) == (1.0, 1.0, 0.1, 0.25, 100.0, 0.1, 0.0)
@@ -193,6 +194,7 @@ def test_paper_preset_shapes_with_fake_tensors():
         x = torch.empty(1, 3, 256, 256)
         out = model.eval().encode(x)
         assert out.indices.shape == (1, 64, 16) and out.quantized.shape == (1, 64, 128)
+        assert model.decode_indices(out.indices).shape == (1, 3, 256, 256)
         assert model.encoder.attn(torch.empty(1, 2048, 8, 8)).shape == (1, 2048, 8, 8)
         rec, losses = model.train()(x)
         assert rec.shape == (1, 3, 256, 256) and losses["loss"].shape == ()
@@ -429,4 +431,4 @@ def test_dataclass_fields_are_documented():
     doc = UniWeTokConfig.__doc__
     for f in dataclasses.fields(UniWeTokConfig):
         if f.name not in ("image_size", "in_channels"):
-            assert f"``{f.name}``" in doc or f.name in doc, f.name
+            assert f"``{f.name}``" in doc, f.name

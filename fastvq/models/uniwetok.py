@@ -32,10 +32,11 @@ What fastvq does differently, and why:
 * Blocks are fastvq's shared ones: ``ResBlock`` convs have biases (UniWeTok's have none); ``Downsample`` pads
   right/bottom then convolves (UniWeTok's conv pads 1 on every side); the attention blocks are ``ViTBlock`` with
   LayerNorm and a GeGLU MLP of UniWeTok's hidden width (UniWeTok: RMSNorm and SwiGLU, no biases); ``RoPE2D`` uses
-  the integer grid coordinates (UniWeTok's code rescales the coordinates to span [0.5, 7.5] whatever the grid; at
-  256 px, an 8x8 grid, the two give the same relative rotations); ``AdaptiveGroupNorm`` takes one condition
+  the integer grid coordinates (UniWeTok's code rescales them to a fixed span of about [0.5, 7.5] whatever the
+  grid; on the 8x8 grid of 256 px both have unit spacing and the same frequencies, so the relative rotations
+  agree up to a fixed permutation of the q/k channels: axis order and pair layout); ``AdaptiveGroupNorm`` takes one condition
   ``[std; mean]`` of the code for both its scale and shift (UniWeTok feeds the std to the scale and the mean to
-  the shift: a special case).
+  the shift only: the special case with the cross weights at zero).
 * The decoder's noise: training draws fresh N(0, 1) noise (``forward(..., generator=)`` makes it reproducible);
   evaluation and :meth:`UniWeTok.decode_indices` use one fixed N(0, 1) field per grid size, drawn from
   ``noise_seed`` and shared by every image, so that ``decode_indices(encode(x))`` equals the eval forward bit for
@@ -68,12 +69,13 @@ __all__ = ["UniWeTokConfig", "UniWeTok", "UniWeTokEncoder", "UniWeTokDecoder", "
 
 @dataclass
 class UniWeTokConfig:
-    """UniWeTok's architecture and loss weights. Defaults are the ``uniwetok-paper`` preset.
+    """UniWeTok's architecture and loss weights. Defaults are the ``uniwetok-paper`` preset (its widths are WeTok's
+    released 32x configuration: UniWeTok's own ``ae_config.json`` is on the Hugging Face hub, not reachable here).
 
     Conv trunk: ``ch`` x ``ch_mult`` widths, one level per entry, ``num_res_blocks`` ResBlocks per level,
-    ``len(ch_mult) - 1`` downsamplings (32x for 6 levels); GroupNorms of ``num_groups`` groups. Attention:
+    ``len(ch_mult) - 1`` downsamplings (32x for 6 levels); GroupNorms of ``norm_groups`` groups. Attention:
     ``attn_blocks`` ViT blocks at the top width in encoder and decoder, ``num_heads`` heads, GeGLU hidden width
-    ``int(top · mlp_ratio)`` (2.75: UniWeTok's SwiGLU width ``find_multiple(8·top/3, 256)`` at top = 2048),
+    ``mlp_ratio`` x the top width (2.75: UniWeTok's SwiGLU width ``find_multiple(8·top/3, 256)`` at top = 2048),
     ``num_registers`` register tokens, RoPE base ``rope_base``. Code: ``code_bits`` bits in groups of
     ``group_bits`` (indices ``[B, h·w, code_bits / group_bits]``, each in ``[0, 2^group_bits)``, ``bit_order``
     ``"lsb"``: bit ``j`` of a group has weight ``2^j``, as BitDance's ``GFQ``). Quantizer losses (LFQ): entropy
@@ -88,7 +90,7 @@ class UniWeTokConfig:
     ch: int = 256
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4, 8)
     num_res_blocks: int = 4
-    num_groups: int = 32
+    norm_groups: int = 32
     attn_blocks: int = 2
     num_heads: int = 16
     mlp_ratio: float = 2.75
@@ -115,8 +117,8 @@ class UniWeTokConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     @property
-    def num_groups_code(self) -> int:
-        """Index groups per token (16 for 128 bits of 8)."""
+    def num_codebooks(self) -> int:
+        """Index groups per token, the quantizer's ``num_codebooks`` (16: 128 bits in groups of 8)."""
         return self.code_bits // self.group_bits
 
     def validate(self) -> None:
@@ -124,9 +126,9 @@ class UniWeTokConfig:
         if not self.ch_mult or min(self.ch_mult) < 1 or self.ch < 1:
             raise ValueError(f"{who}: ch and every ch_mult entry must be positive, got ch={self.ch}, "
                              f"ch_mult={self.ch_mult}")
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.num_groups]
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
         if bad:
-            raise ValueError(f"{who}: every width ch * ch_mult must be divisible by num_groups={self.num_groups}, "
+            raise ValueError(f"{who}: every width ch * ch_mult must be divisible by norm_groups={self.norm_groups}, "
                              f"got widths {bad}")
         if self.num_res_blocks < 1 or self.attn_blocks < 1:
             raise ValueError(f"{who}: num_res_blocks and attn_blocks must be >= 1, got {self.num_res_blocks} and "
@@ -207,12 +209,12 @@ class UniWeTokEncoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         self.levels = nn.ModuleList(
-            nn.Sequential(*(ResBlock(w, w, num_groups=cfg.num_groups) for _ in range(cfg.num_res_blocks)))
+            nn.Sequential(*(ResBlock(w, w, num_groups=cfg.norm_groups) for _ in range(cfg.num_res_blocks)))
             for w in widths)
         self.downsamples = nn.ModuleList(Downsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.attn = RegisterAttention(widths[-1], cfg.attn_blocks, cfg.num_heads, cfg.mlp_ratio, cfg.num_registers,
                                       cfg.rope_base)
-        self.norm_out = nn.GroupNorm(cfg.num_groups, widths[-1], eps=1e-6)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], cfg.code_bits, 1)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -238,7 +240,7 @@ class UniWeTokDecoder(nn.Module):
     def __init__(self, cfg: UniWeTokConfig):
         super().__init__()
         widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]  # top level first
-        g, n = cfg.num_groups, cfg.num_res_blocks
+        g, n = cfg.norm_groups, cfg.num_res_blocks
         self.conv_in = nn.Conv2d(2 * cfg.code_bits, widths[0], 3, padding=1)
         self.attn = RegisterAttention(widths[0], cfg.attn_blocks, cfg.num_heads, cfg.mlp_ratio, cfg.num_registers,
                                       cfg.rope_base)
@@ -298,7 +300,7 @@ class UniWeTok(Tokenizer):
         self.config = cfg
         self.encoder = UniWeTokEncoder(cfg)
         # UniWeTok's GFQ as LFQ.uniwetok(256) without its bound: the encoder applies SigLu itself, as UniWeTok's code
-        self.quantizer = LFQ(dim=cfg.code_bits, codebook_size=2 ** cfg.group_bits, num_codebooks=cfg.num_groups_code,
+        self.quantizer = LFQ(dim=cfg.code_bits, codebook_size=2 ** cfg.group_bits, num_codebooks=cfg.num_codebooks,
                              entropy_loss_weight=cfg.entropy_weight, diversity_gamma=cfg.diversity_gamma,
                              commitment_loss_weight=cfg.commitment_weight, inv_temperature=cfg.inv_temperature,
                              bit_order=cfg.bit_order, channel_first=False, keep_num_codebooks_dim=True)
@@ -386,7 +388,7 @@ class UniWeTok(Tokenizer):
         return TokenizerOutput(out.indices, out.quantized, {"grid": grid})
 
     def decode_indices(self, indices: Tensor, extras: dict[str, Any] | None = None) -> Tensor:
-        G = self.config.num_groups_code
+        G = self.config.num_codebooks
         if indices.dim() != 3 or indices.shape[-1] != G or indices.dtype != torch.int64:
             raise ValueError(f"UniWeTok.decode_indices: indices must be int64 [B, h·w, {G}], got {indices.dtype} "
                              f"{list(indices.shape)}")
@@ -448,7 +450,7 @@ class UniWeTok(Tokenizer):
 register_preset("uniwetok-paper", UniWeTok, UniWeTokConfig())
 # Step-time benchmark size: 128 px -> 4 x 4 tokens (32x), widths 64..256, 2 ResBlocks per level, the paper's code.
 register_preset("uniwetok-small", UniWeTok, UniWeTokConfig(
-    image_size=128, ch=64, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_blocks=2, num_heads=4, mlp_ratio=4.0))
+    image_size=128, ch=64, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_blocks=2, num_heads=4, mlp_ratio=3.0))
 # CPU-sized: 64 px -> 4 x 4 tokens (16x), widths 32..64, 1 ResBlock per level, 1 attention block, the paper's code.
 register_preset("uniwetok-tiny", UniWeTok, UniWeTokConfig(
     image_size=64, ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, attn_blocks=1, num_heads=2, mlp_ratio=4.0))
