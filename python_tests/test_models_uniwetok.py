@@ -309,7 +309,7 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one():
 
 def test_one_optimizer_step_lowers_the_loss():
     model = tiny().train()
-    x = images()
+    x = images(2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _, before = model(x, generator=torch.Generator().manual_seed(0))
     before["loss"].backward()

@@ -161,7 +161,8 @@ class RegisterAttention(nn.Module):
     """UniWeTok's attention stage on a feature map ``[B, C, h, w] → [B, C, h, w]``: the ``h·w`` tokens (row-major)
     behind ``num_registers`` learned register tokens, through ``depth`` pre-norm :class:`ViTBlock` s with
     bidirectional attention and 2-D RoPE on the grid tokens (registers unrotated); the registers are dropped at
-    the end. RoPE takes the grid at call time, so any resolution works."""
+    the end. RoPE takes the grid at call time, so any resolution works. The registers start as ViT's truncated
+    N(0, 0.02²) (UniWeTok's ``nn.Embedding`` starts at N(0, 1))."""
 
     def __init__(self, width: int, depth: int, num_heads: int, mlp_ratio: float, num_registers: int,
                  rope_base: float):
