@@ -81,7 +81,8 @@ class UniTokAnchorQuantizer(nn.Module):
         codebook = F.mse_loss(q, zn.detach())
         out = (zn + (q - zn).detach()).reshape(x.shape)
         res = QuantizeOutput(out, torch.stack(idxs, -1).reshape(*x.shape[:-1], G), self.beta * commitment + codebook)
-        return (res, {"commitment": commitment.detach(), "codebook": codebook.detach()}) if return_loss_breakdown else res
+        parts = {"commitment": commitment.detach(), "codebook": codebook.detach()}
+        return (res, parts) if return_loss_breakdown else res
 
 
 class VQPSimVQ(nn.Module):
@@ -292,8 +293,9 @@ def main(argv=None) -> None:
                 print(f"{name}/{impl} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"{name:9s} {impl:7s} step {rows[-1]['step_s'] * 1e3:9.1f} ms  peak {rows[-1]['peak_bytes'] / 1e6:8.1f} MB"
-                  + (f"  quantizer {rows[-1]['quantizer_share']:.1%}" if "quantizer_share" in rows[-1] else ""),
+            r = rows[-1]
+            print(f"{name:9s} {impl:7s} step {r['step_s'] * 1e3:9.1f} ms  peak {r['peak_bytes'] / 1e6:8.1f} MB"
+                  + (f"  quantizer {r['quantizer_share']:.1%}" if "quantizer_share" in r else ""),
                   flush=True)
     print(f"\nfastvq {fastvq.__version__}, cpu_isa {fastvq.cpu_isa()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")

@@ -12,12 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fastvq.losses import PerceptualFeatureLoss
-from fastvq.models import MergeVQ, MergeVQConfig, TokenizerOutput, from_preset, from_pretrained, list_presets
+from fastvq.models import MergeVQ, MergeVQConfig, TokenizerOutput, from_preset, list_presets
 from fastvq.models.mergevq import _first_occurrence_order, keep_distribution
 from fastvq.models.tokenizer import config_from_dict, config_to_dict
 from fastvq.nn import merge_schedule
 from fastvq.ops.merge import unmerge
+from tokenizer_testing import check_save_load_round_trip, check_strict_load_errors, fake_perceptual_loss, seeded_images
 
 
 @pytest.fixture(autouse=True)
@@ -37,29 +37,15 @@ class FakeTeacher(nn.Module):
         return self.fc(F.gelu(self.conv(x)).mean((2, 3)))
 
 
-class FakeFeatures(nn.Module):
-    """A frozen two-level conv network with the multi-scale ``features`` interface PerceptualFeatureLoss reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-
-    def features(self, x):
-        a = F.gelu(self.c1(x))
-        return [a, self.c2(a)]
-
-
 def tiny(**overrides) -> MergeVQ:
     model = from_preset("mergevq-tiny", **overrides)
     model.set_teacher(FakeTeacher())
-    model.set_perceptual_loss(PerceptualFeatureLoss(FakeFeatures(), levels=(0, 1), input_range=(-1.0, 1.0)))
+    model.set_perceptual_loss(fake_perceptual_loss())
     return model
 
 
 def images(b=2, h=32, w=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, h, w, generator=g) * 2 - 1
+    return seeded_images(b, h, w, seed)
 
 
 # ---- presets and configs -------------------------------------------------------------------------------------------
@@ -424,18 +410,12 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # move away from the initialisation, usage counts too
     model(images(), keep=36)[1]["loss"].backward()
     opt.step()
-    model.eval().save_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "config.json").read_text())
-    assert meta["model"] == "mergevq" and meta["config"]["keep_candidates"] == [25, 36, 49, 64]
-    loaded = from_pretrained(tmp_path).eval()
-    assert type(loaded) is MergeVQ and loaded.config == model.config
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    x = images()
-    with torch.no_grad():
-        a, b = model.encode(x), loaded.encode(x)
-        assert torch.equal(a.indices, b.indices) and torch.equal(a.extras["source"], b.extras["source"])
-        assert torch.equal(model.decode_indices(a.indices), loaded.decode_indices(b.indices))
+    check_save_load_round_trip(model, tmp_path, images())
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["keep_candidates"] == [25, 36, 49, 64]
+
+
+def test_from_pretrained_strict_errors(tmp_path):
+    check_strict_load_errors(tiny(), tmp_path, drop_key="decoder.conv_out.bias", widen=("ch", 64))
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------

@@ -1,19 +1,18 @@
 """fastvq.models.unitok and the common tokenizer API (fastvq.models.tokenizer): shapes, consistency, gradients,
 training, compile, checkpoints, errors. The tiny preset on CPU; the paper preset on the meta device."""
-import dataclasses
 import importlib.util
 import json
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fastvq.losses import PerceptualFeatureLoss, adaptive_gan_weight, hinge_g_loss
-from fastvq.models import Tokenizer, TokenizerOutput, UniTok, UniTokConfig, from_preset, from_pretrained, list_presets
+from fastvq.losses import adaptive_gan_weight, hinge_g_loss
+from fastvq.models import Tokenizer, TokenizerOutput, UniTok, UniTokConfig, from_preset, list_presets
 from fastvq.models.blocks import _make_divisible
-from fastvq.models.tokenizer import WEIGHTS_NAME, config_from_dict, config_to_dict
+from fastvq.models.tokenizer import config_from_dict, config_to_dict
+from tokenizer_testing import check_save_load_round_trip, check_strict_load_errors, fake_perceptual_loss, seeded_images
 
 
 @pytest.fixture(autouse=True)
@@ -32,29 +31,15 @@ class FakeTextTower(nn.Module):
         return torch.stack([self.embed(torch.tensor(list(t.encode()))).mean(0) for t in texts])
 
 
-class FakeFeatures(nn.Module):
-    """A frozen two-level conv network with the multi-scale ``features`` interface PerceptualFeatureLoss reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-
-    def features(self, x):
-        a = F.gelu(self.c1(x))
-        return [a, self.c2(a)]
-
-
 def tiny(**overrides) -> UniTok:
     model = from_preset("unitok-tiny", **overrides)
     model.set_text_encoder(FakeTextTower())
-    model.set_perceptual_loss(PerceptualFeatureLoss(FakeFeatures(), levels=(0, 1), input_range=(-1.0, 1.0)))
+    model.set_perceptual_loss(fake_perceptual_loss())
     return model
 
 
 def images(b=4, h=64, w=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, h, w, generator=g) * 2 - 1
+    return seeded_images(b, h, w, seed)
 
 
 CAPTIONS = ["A red apple.", "A blackbird.", "A forklift truck.", "Two cats on a sofa."]
@@ -172,6 +157,16 @@ def test_paper_preset_shapes_with_fake_tensors():
 
 
 
+def test_frozen_networks_stay_outside_the_module_tree():
+    model = tiny()
+    tower = torch.nn.Linear(2, 2)
+    model.set_text_encoder(tower)
+    assert model._frozen["text"] is tower and not tower.weight.requires_grad and not tower.training
+    assert not any(k.startswith("_frozen") for k in model.state_dict())
+    with pytest.raises(ValueError, match=r"UniTok.set_frozen: unknown kind 'teacher'"):
+        model.set_frozen("teacher", tower)
+
+
 def test_small_preset_shapes_and_parameter_count():
     with torch.device("meta"):
         model = from_preset("unitok-small", perceptual_weight=0.0)
@@ -287,40 +282,12 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # move away from the initialisation, usage counters too
     model(images(), CAPTIONS)[1]["loss"].backward()
     opt.step()
-    model.eval()
-    model.save_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "config.json").read_text())
-    assert meta["model"] == "unitok" and meta["config"]["conv_widths"] == [16, 32]
-    loaded = from_pretrained(tmp_path)
-    assert type(loaded) is UniTok and loaded.config == model.config
-    loaded.eval()
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    x = images()
-    with torch.no_grad():
-        a, b = model.encode(x), loaded.encode(x)
-        assert torch.equal(a.indices, b.indices)
-        assert torch.equal(model.decode_indices(a.indices), loaded.decode_indices(b.indices))
-    assert type(UniTok.from_pretrained(tmp_path)) is UniTok
+    check_save_load_round_trip(model, tmp_path, images())
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["conv_widths"] == [16, 32]
 
 
 def test_from_pretrained_strict_errors(tmp_path):
-    from safetensors.torch import load_file, save_file
-    tiny().save_pretrained(tmp_path)
-    state = load_file(str(tmp_path / WEIGHTS_NAME))
-    del state["clip_proj.bias"]
-    state["extra.weight"] = torch.zeros(1)
-    save_file(state, str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(ValueError, match=r"model\.safetensors.*missing keys \['clip_proj\.bias'\].*unexpected keys "
-                                         r"\['extra\.weight'\]"):
-        from_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "config.json").read_text())
-    meta["config"]["width"] = 32
-    (tmp_path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="shape mismatches"):
-        from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        from_pretrained(tmp_path / "nowhere")
+    check_strict_load_errors(tiny(), tmp_path, drop_key="clip_proj.bias", widen=("width", 32))
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------

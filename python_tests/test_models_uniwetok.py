@@ -10,29 +10,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fastvq.losses import PerceptualFeatureLoss, adaptive_gan_weight, non_saturating_g_loss
+from fastvq.losses import adaptive_gan_weight, non_saturating_g_loss
 from fastvq.models import Tokenizer, TokenizerOutput, UniWeTok, UniWeTokConfig, from_preset, from_pretrained, \
     list_presets
-from fastvq.models.tokenizer import WEIGHTS_NAME, config_from_dict, config_to_dict
+from fastvq.models.tokenizer import config_from_dict, config_to_dict
 from fastvq.models.uniwetok import DepthToSpaceUpsample, RegisterAttention, siglu
+from tokenizer_testing import check_save_load_round_trip, check_strict_load_errors, fake_perceptual_loss, seeded_images
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-class FakeFeatures(nn.Module):
-    """A frozen two-level conv network with the multi-scale ``features`` interface PerceptualFeatureLoss reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-
-    def features(self, x):
-        a = F.gelu(self.c1(x))
-        return [a, self.c2(a)]
 
 
 class FakeTeacher(nn.Module):
@@ -51,15 +39,14 @@ class FakeTeacher(nn.Module):
 
 def tiny(**overrides) -> UniWeTok:
     model = from_preset("uniwetok-tiny", **overrides)
-    model.set_perceptual_loss(PerceptualFeatureLoss(FakeFeatures(), levels=(0, 1), input_range=(-1.0, 1.0)))
+    model.set_perceptual_loss(fake_perceptual_loss())
     if model.config.distill_weight > 0:
         model.set_distill_encoder(FakeTeacher())
     return model
 
 
 def images(b=4, h=32, w=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, h, w, generator=g) * 2 - 1
+    return seeded_images(b, h, w, seed)
 
 
 # ---- presets and shapes --------------------------------------------------------------------------------------------
@@ -361,40 +348,13 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # move away from the initialisation, usage counters too
     model(images())[1]["loss"].backward()
     opt.step()
-    model.eval()
-    model.save_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "config.json").read_text())
-    assert meta["model"] == "uniwetok" and meta["config"]["ch_mult"] == [1, 1, 2, 2, 2]
-    loaded = from_pretrained(tmp_path)
-    assert type(loaded) is UniWeTok and loaded.config == model.config
-    loaded.eval()
-    state = loaded.state_dict()
-    assert state["quantizer.usage_counts"].sum() == 4 * 4 * 16  # B x tokens x groups, counted once
-    for k, v in model.state_dict().items():
-        assert torch.equal(state[k], v), k
-    x = images()
-    with torch.no_grad():
-        a, b = model.encode(x), loaded.encode(x)
-        assert torch.equal(a.indices, b.indices)
-        assert torch.equal(model.decode_indices(a.indices), loaded.decode_indices(b.indices))
-    assert type(UniWeTok.from_pretrained(tmp_path)) is UniWeTok
+    check_save_load_round_trip(model, tmp_path, images())
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["ch_mult"] == [1, 1, 2, 2, 2]
+    assert from_pretrained(tmp_path).state_dict()["quantizer.usage_counts"].sum() == 4 * 4 * 16  # B x tokens x groups
 
 
 def test_from_pretrained_strict_errors(tmp_path):
-    from safetensors.torch import load_file, save_file
-    tiny().save_pretrained(tmp_path)
-    state = load_file(str(tmp_path / WEIGHTS_NAME))
-    del state["decoder.conv_out.bias"]
-    state["extra.weight"] = torch.zeros(1)
-    save_file(state, str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(ValueError, match=r"model\.safetensors.*missing keys \['decoder\.conv_out\.bias'\].*"
-                                         r"unexpected keys \['extra\.weight'\]"):
-        from_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "config.json").read_text())
-    meta["config"]["ch"] = 64
-    (tmp_path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="shape mismatches"):
-        from_pretrained(tmp_path)
+    check_strict_load_errors(tiny(), tmp_path, drop_key="decoder.conv_out.bias", widen=("ch", 64))
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------

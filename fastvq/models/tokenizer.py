@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -58,13 +58,76 @@ def config_from_dict(config_class: type, data: dict[str, Any], who: str):
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def perceptual_feature_loss() -> nn.Module:
+    """The default perceptual term: ``PerceptualFeatureLoss(input_range=(-1, 1))`` over EfficientNet-Lite0 (an
+    uncalibrated feature distance, **not LPIPS**; docs/models.md)."""
+    from fastvq.losses import PerceptualFeatureLoss
+    return PerceptualFeatureLoss(input_range=(-1.0, 1.0))
+
+
+def efficientnet_lite0() -> nn.Module:
+    """The offline stand-in teacher / frozen image encoder, ``fastvq.eval.EfficientNetLite0`` (the heavy import
+    happens here, only when a model first needs it)."""
+    from fastvq.eval import EfficientNetLite0
+    return EfficientNetLite0()
+
+
 class Tokenizer(nn.Module):
     """Base class of the fastvq tokenizers. Subclasses set ``model_name`` and ``config_class`` (registered by
     ``__init_subclass__``), take their config as the one constructor argument, keep it as ``self.config``, and
-    implement :meth:`encode`, :meth:`decode_indices` and :meth:`forward` (module docstring)."""
+    implement :meth:`encode`, :meth:`decode_indices` and :meth:`forward` (module docstring).
+
+    **Frozen networks** (the perceptual loss's network, a distillation teacher, a text tower) are kept *outside*
+    the module tree: they add no parameters and no state-dict entries, so a checkpoint holds the tokenizer only
+    and the frozen weights always come from their packages. ``frozen_builders`` names the kinds a model uses and
+    how each is built on first use; :meth:`set_frozen` puts your own in place (frozen, in eval mode)."""
 
     model_name: str = ""
     config_class: type = type(None)
+    frozen_builders: dict[str, Callable[[], nn.Module]] = {"perceptual": perceptual_feature_loss}
+
+    # ---- frozen networks ---------------------------------------------------------------------------------------
+
+    @property
+    def _frozen(self) -> dict[str, nn.Module | None]:
+        """kind -> the frozen network in use (``None``: build it on first use)."""
+        return self.__dict__.setdefault("_frozen_networks", dict.fromkeys(self.frozen_builders))
+
+    def set_frozen(self, kind: str, net: nn.Module | None) -> None:
+        """Use ``net`` as the frozen network ``kind`` (one of ``frozen_builders``); its parameters are frozen and
+        it is put in eval mode. ``None``: build the default on first use."""
+        if kind not in self.frozen_builders:
+            raise ValueError(f"{type(self).__name__}.set_frozen: unknown kind {kind!r}; "
+                             f"known: {sorted(self.frozen_builders)}")
+        if net is not None:
+            net.requires_grad_(False).eval()
+        self._frozen[kind] = net
+
+    def set_perceptual_loss(self, loss: nn.Module | None) -> None:
+        """Use ``loss`` (``(reconstruction, target) → scalar``, e.g. a ``PerceptualFeatureLoss`` over another
+        frozen network) as the perceptual term; ``None``: :func:`perceptual_feature_loss` on first use."""
+        self.set_frozen("perceptual", loss)
+
+    def _frozen_net(self, kind: str, device: torch.device) -> nn.Module:
+        """The frozen network ``kind`` on ``device``, built on first use."""
+        net = self._frozen.get(kind)
+        if net is None:
+            net = self._frozen[kind] = self.frozen_builders[kind]()
+        p = next(net.parameters(), None)
+        if p is not None and p.device != device:
+            net.to(device)
+        return net
+
+    def _grid(self, images: Tensor) -> tuple[int, int]:
+        """Check ``images [B, in_channels, H, W]`` (float, H and W multiples of ``config.downsample``) and return
+        the token grid ``(H / s, W / s)``."""
+        cfg, s, name = self.config, self.config.downsample, type(self).__name__
+        if images.dim() != 4 or images.shape[1] != cfg.in_channels or images.shape[2] % s or images.shape[3] % s:
+            raise ValueError(f"{name}: images must be [B, {cfg.in_channels}, H, W] with H and W multiples of {s} "
+                             f"(the preset's size is {cfg.image_size}), got {list(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"{name}: images must be a float tensor in [-1, 1], got {images.dtype}")
+        return images.shape[2] // s, images.shape[3] // s
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

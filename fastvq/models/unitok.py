@@ -38,10 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvq.losses import ClipContrastiveLoss, PerceptualFeatureLoss, reconstruction_loss
+from fastvq.losses import ClipContrastiveLoss, reconstruction_loss
 from fastvq.models.blocks import (AttnProjection, LayerNorm2d, MBConv, Upsample, ViTaminStem, ViTBlock,
                                   _make_divisible)
-from fastvq.models.tokenizer import Tokenizer, TokenizerOutput, register_preset
+from fastvq.models.tokenizer import Tokenizer, TokenizerOutput, perceptual_feature_loss, register_preset
 from fastvq.nn import MultiCodebookQuantizer
 from fastvq.nn._quantizer import fp32_island
 
@@ -107,6 +107,12 @@ class UniTokConfig:
             raise ValueError(f"{who}: quant_proj must be 'attn' or 'linear', got {self.quant_proj!r}")
         if self.image_size % self.downsample:
             raise ValueError(f"{who}: image_size {self.image_size} must be a multiple of {self.downsample}")
+
+
+def minilm_text_encoder() -> nn.Module:
+    """UniTok's default frozen text tower, ``fastvq.eval.MiniLMTextEncoder`` (imported on first use)."""
+    from fastvq.eval import MiniLMTextEncoder
+    return MiniLMTextEncoder()
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -244,6 +250,7 @@ class UniTok(Tokenizer):
 
     model_name = "unitok"
     config_class = UniTokConfig
+    frozen_builders = {"text": minilm_text_encoder, "perceptual": perceptual_feature_loss}
 
     def __init__(self, config: UniTokConfig | None = None):
         super().__init__()
@@ -267,38 +274,13 @@ class UniTok(Tokenizer):
         self.quantizer = MultiCodebookQuantizer(cfg.code_dim, num_codebooks=cfg.num_codebooks,
                                                 codebook_size=cfg.codebook_size, metric="cosine",
                                                 commitment_weight=cfg.commitment_weight)
-        object.__setattr__(self, "_frozen", {"text": None, "perceptual": None})  # outside the module tree
 
     # ---- the frozen networks ------------------------------------------------------------------------------------
 
     def set_text_encoder(self, encoder: nn.Module | None) -> None:
         """Use ``encoder`` (texts → ``[B, text_dim]`` or an object with ``.pooled [B, text_dim]``) as the frozen
         text tower; its parameters are frozen. ``None``: build ``fastvq.eval.MiniLMTextEncoder`` on first use."""
-        if encoder is not None:
-            encoder.requires_grad_(False).eval()
-        self._frozen["text"] = encoder
-
-    def set_perceptual_loss(self, loss: nn.Module | None) -> None:
-        """Use ``loss`` (``(reconstruction, target) → scalar``, e.g. a ``PerceptualFeatureLoss`` over another
-        frozen encoder); its parameters are frozen. ``None``: build ``PerceptualFeatureLoss(input_range=(-1, 1))``
-        over EfficientNet-Lite0 on first use."""
-        if loss is not None:
-            loss.requires_grad_(False).eval()
-        self._frozen["perceptual"] = loss
-
-    def _frozen_net(self, kind: str, device: torch.device) -> nn.Module:
-        net = self._frozen[kind]
-        if net is None:
-            if kind == "text":
-                from fastvq.eval import MiniLMTextEncoder  # the heavy import, only when captions come
-                net = MiniLMTextEncoder()
-            else:
-                net = PerceptualFeatureLoss(input_range=(-1.0, 1.0))
-            self._frozen[kind] = net
-        p = next(net.parameters(), None)
-        if p is not None and p.device != device:
-            net.to(device)
-        return net
+        self.set_frozen("text", encoder)
 
     # ---- the model ----------------------------------------------------------------------------------------------
 
@@ -307,15 +289,6 @@ class UniTok(Tokenizer):
         """The decoder's last weight (``decoder.out_conv.weight``): VQGAN's adaptive GAN weight is taken over it
         (``fastvq.losses.adaptive_gan_weight``; UniTok's ``get_last_param``)."""
         return self.decoder.out_conv.weight
-
-    def _grid(self, images: Tensor) -> tuple[int, int]:
-        cfg, s = self.config, self.config.downsample
-        if images.dim() != 4 or images.shape[1] != cfg.in_channels or images.shape[2] % s or images.shape[3] % s:
-            raise ValueError(f"UniTok: images must be [B, {cfg.in_channels}, H, W] with H and W multiples of {s} "
-                             f"(the preset's size is {cfg.image_size}), got {list(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"UniTok: images must be a float tensor in [-1, 1], got {images.dtype}")
-        return images.shape[2] // s, images.shape[3] // s
 
     def _quantize(self, images: Tensor):
         """``images → (grid, QuantizeOutput, breakdown)``; ``quantized [B, N, code_dim]``, ``indices [B, N, G]``."""
@@ -367,8 +340,8 @@ class UniTok(Tokenizer):
     def forward(self, images: Tensor, texts: Sequence[str] | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         if texts is not None and len(texts) != images.shape[0]:
-            raise ValueError(f"UniTok.forward: texts must hold one caption (or feature row) per image, got {len(texts)} "
-                             f"for {images.shape[0]} images")
+            raise ValueError(f"UniTok.forward: texts must hold one caption (or feature row) per image, got "
+                             f"{len(texts)} for {images.shape[0]} images")
         grid, out, parts = self._quantize(images)
         tokens, rec = self._decode(out.quantized, grid)
         total, terms = reconstruction_loss(rec, images, cfg.l1_weight, cfg.l2_weight)

@@ -58,9 +58,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvq.losses import PerceptualFeatureLoss, reconstruction_loss
+from fastvq.losses import reconstruction_loss
 from fastvq.models.blocks import AdaptiveGroupNorm, Downsample, ResBlock, ViTBlock
-from fastvq.models.tokenizer import Tokenizer, TokenizerOutput, register_preset
+from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, efficientnet_lite0, perceptual_feature_loss,
+                                     register_preset)
 from fastvq.nn import LFQ
 
 __all__ = ["UniWeTokConfig", "UniWeTok", "UniWeTokEncoder", "UniWeTokDecoder", "RegisterAttention",
@@ -293,6 +294,7 @@ class UniWeTok(Tokenizer):
 
     model_name = "uniwetok"
     config_class = UniWeTokConfig
+    frozen_builders = {"perceptual": perceptual_feature_loss, "distill": efficientnet_lite0}
 
     def __init__(self, config: UniWeTokConfig | None = None):
         super().__init__()
@@ -308,40 +310,15 @@ class UniWeTok(Tokenizer):
         self.decoder = UniWeTokDecoder(cfg)
         if cfg.distill_weight > 0:
             self.distill_proj = nn.Linear(cfg.code_bits, cfg.distill_dim)
-        object.__setattr__(self, "_frozen", {"perceptual": None, "distill": None})  # outside the module tree
 
     # ---- the frozen networks ------------------------------------------------------------------------------------
-
-    def set_perceptual_loss(self, loss: nn.Module | None) -> None:
-        """Use ``loss`` (``(reconstruction, target) → scalar``, e.g. a ``PerceptualFeatureLoss`` over another
-        frozen encoder); its parameters are frozen. ``None``: build ``PerceptualFeatureLoss(input_range=(-1, 1))``
-        over EfficientNet-Lite0 on first use."""
-        if loss is not None:
-            loss.requires_grad_(False).eval()
-        self._frozen["perceptual"] = loss
 
     def set_distill_encoder(self, encoder: nn.Module | None) -> None:
         """Use ``encoder`` (images in [0, 1] → tokens ``[B, T, distill_dim]`` with ``T`` a square grid, or an
         object with ``.tokens``, as ``fastvq.eval.FrozenImageEncoder``) as the distillation teacher; its
         parameters are frozen. ``None``: build ``fastvq.eval.EfficientNetLite0`` (7x7 tokens of 1280) on first
         use."""
-        if encoder is not None:
-            encoder.requires_grad_(False).eval()
-        self._frozen["distill"] = encoder
-
-    def _frozen_net(self, kind: str, device: torch.device) -> nn.Module:
-        net = self._frozen[kind]
-        if net is None:
-            if kind == "perceptual":
-                net = PerceptualFeatureLoss(input_range=(-1.0, 1.0))
-            else:
-                from fastvq.eval import EfficientNetLite0  # the heavy import, only when distilling
-                net = EfficientNetLite0()
-            self._frozen[kind] = net
-        p = next(net.parameters(), None)
-        if p is not None and p.device != device:
-            net.to(device)
-        return net
+        self.set_frozen("distill", encoder)
 
     # ---- the model ----------------------------------------------------------------------------------------------
 
@@ -350,15 +327,6 @@ class UniWeTok(Tokenizer):
         """The decoder's last weight (``decoder.conv_out.weight``), for VQGAN's adaptive GAN weight
         (``fastvq.losses.adaptive_gan_weight``) when the trainer uses one instead of WeTok's fixed weight."""
         return self.decoder.conv_out.weight
-
-    def _grid(self, images: Tensor) -> tuple[int, int]:
-        cfg, s = self.config, self.config.downsample
-        if images.dim() != 4 or images.shape[1] != cfg.in_channels or images.shape[2] % s or images.shape[3] % s:
-            raise ValueError(f"UniWeTok: images must be [B, {cfg.in_channels}, H, W] with H and W multiples of {s} "
-                             f"(the preset's size is {cfg.image_size}), got {list(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"UniWeTok: images must be a float tensor in [-1, 1], got {images.dtype}")
-        return images.shape[2] // s, images.shape[3] // s
 
     def _quantize(self, images: Tensor):
         """``images → (grid, latent [B, h·w, code_bits] (SigLu-bounded, fp32), QuantizeOutput, breakdown)``."""

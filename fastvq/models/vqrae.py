@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvq.losses import PerceptualFeatureLoss, frozen_copy, reconstruction_loss, self_distillation_loss
+from fastvq.losses import frozen_copy, reconstruction_loss, self_distillation_loss
 from fastvq.models.blocks import ViTBlock
 from fastvq.models.tokenizer import Tokenizer, TokenizerOutput, register_preset
 from fastvq.nn import SimVQ
@@ -276,7 +276,6 @@ class VQRAE(Tokenizer):
         self.quantizer = SimVQ(cfg.codebook_dim, cfg.codebook_size, commitment_weight=cfg.commitment_weight,
                                rotation_trick=cfg.rotation_trick)
         self.teacher: nn.Module | None = None
-        object.__setattr__(self, "_frozen", {"perceptual": None})  # outside the module tree
         self._apply_stage(cfg.stage)
 
     # ---- the two training stages --------------------------------------------------------------------------------
@@ -327,25 +326,6 @@ class VQRAE(Tokenizer):
             self.teacher.eval()
         return self
 
-    # ---- the frozen perceptual network --------------------------------------------------------------------------
-
-    def set_perceptual_loss(self, loss: nn.Module | None) -> None:
-        """Use ``loss`` (``(reconstruction, target) → scalar``, e.g. a ``PerceptualFeatureLoss`` over another
-        frozen network); its parameters are frozen. ``None``: build ``PerceptualFeatureLoss(input_range=(-1, 1))``
-        over EfficientNet-Lite0 on first use."""
-        if loss is not None:
-            loss.requires_grad_(False).eval()
-        self._frozen["perceptual"] = loss
-
-    def _perceptual(self, device: torch.device) -> nn.Module:
-        net = self._frozen["perceptual"]
-        if net is None:
-            net = self._frozen["perceptual"] = PerceptualFeatureLoss(input_range=(-1.0, 1.0))
-        p = next(net.parameters(), None)
-        if p is not None and p.device != device:
-            net.to(device)
-        return net
-
     # ---- the model ----------------------------------------------------------------------------------------------
 
     @property
@@ -368,7 +348,7 @@ class VQRAE(Tokenizer):
         if not images.is_floating_point():
             raise ValueError(f"VQRAE: images must be a float tensor in [-1, 1], got {images.dtype}")
 
-    def _grid(self, images: Tensor, num_tokens: int) -> tuple[int, int]:
+    def _token_grid(self, images: Tensor, num_tokens: int) -> tuple[int, int]:
         p = self.config.patch_size
         if self.config.encoder == "vit":
             return images.shape[2] // p, images.shape[3] // p
@@ -389,7 +369,7 @@ class VQRAE(Tokenizer):
         ``quantized [B, N, codebook_dim]`` and ``indices [B, N]``. In eval mode ``quantized`` is the codes of the
         indices, exactly what :meth:`decode_indices` decodes."""
         tokens = self.features(images)  # [B, N, width]
-        grid = self._grid(images, tokens.shape[1])
+        grid = self._token_grid(images, tokens.shape[1])
         with fp32_island(images.device):
             out, parts = self.quantizer(self.quant_proj(tokens.float()), return_loss_breakdown=True)
             if not self.training:
@@ -420,7 +400,7 @@ class VQRAE(Tokenizer):
         losses = dict(terms, vq=out.loss, **parts)
         total = total + cfg.vq_weight * out.loss
         if cfg.perceptual_weight > 0:
-            losses["perceptual"] = self._perceptual(images.device)(rec, images)
+            losses["perceptual"] = self._frozen_net("perceptual", images.device)(rec, images)
             total = total + cfg.perceptual_weight * losses["perceptual"]
         if self.teacher is not None:
             with torch.no_grad():
