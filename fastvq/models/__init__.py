@@ -10,7 +10,9 @@ from fastvq.models.blocks import (AdaptiveGroupNorm, Attention, AttnProjection, 
 from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, from_preset, from_pretrained, list_presets,
                                      register_preset)
 from fastvq.models.unitok import UniTok, UniTokConfig
+from fastvq.models.vqgan import VQGAN, VQGANConfig
 
 __all__ = ["AdaptiveGroupNorm", "Attention", "AttnProjection", "Downsample", "GeGLU", "LayerNorm2d", "MBConv",
-           "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig", "Upsample", "ViTBlock",
-           "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets", "register_preset"]
+           "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig", "Upsample", "VQGAN",
+           "VQGANConfig", "ViTBlock", "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets",
+           "register_preset"]
