@@ -26,6 +26,16 @@ MICRO = {"image_size": 16, "base_channels": 8, "channel_mult": [1, 2], "num_res_
          "codebook_size": 32, "mid_attention": False, "perceptual_weight": 0.0}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these micro models are 10x slower with 2 threads on a shared 2-core machine (OpenMP
+    barriers), and the subprocesses below (OMP_NUM_THREADS=1) must compute exactly what this process does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def micro_config(tmp_path, **kw) -> TrainConfig:
     base = dict(preset="vqgan-tiny", model=dict(MICRO), image_size=16, steps=6, batch_size=8, grad_accum=2,
                 warmup_steps=2, log_every=1, ckpt_every=2, eval_n=8, captions=False, disc_start=2, disc_ndf=8,
@@ -108,7 +118,7 @@ def _cli_cmd(out: Path, *extra: str) -> list:
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """An uninterrupted run against one killed by SIGKILL right after its third checkpoint and resumed with
     --resume: the final weights, EMA and optimizer states are bit for bit the same, and so is the loss log."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), FASTVQ_PROGRESS="0")
+    env = dict(os.environ, PYTHONPATH=str(REPO), FASTVQ_PROGRESS="0", OMP_NUM_THREADS="1")
     ref = tmp_path / "ref"
     Trainer(micro_config(tmp_path, out=str(ref), ckpt_every=1, keep_last=2), progress=False).train()
 
@@ -151,23 +161,28 @@ def test_unitok_resume_in_process_is_bit_identical(tmp_path):
 # ---- accumulation, codebook and EMA steps ---------------------------------------------------------------------------
 
 def test_grad_accum_equals_the_full_batch_and_updates_once_per_step(tmp_path):
+    """4 micro-batches of 2 against one batch of 8: the same loss curve (fp32 summation order apart), codebook and
+    EMA steps once per optimizer step. Dead-code replacement is off here: it picks vectors by a hash of their
+    float bits, so a last-bit difference picks another vector (the choice does not depend on the split itself)."""
     runs = {}
     for accum in (1, 4):
-        t = Trainer(micro_config(tmp_path, out=str(tmp_path / f"acc{accum}"), grad_accum=accum, steps=3,
-                                 gan_weight=0.0, ckpt_every=0), progress=False)
+        t = Trainer(micro_config(tmp_path, model=dict(MICRO, dead_code_threshold=0.0), out=str(tmp_path / f"acc{accum}"),
+                                 grad_accum=accum, steps=3, gan_weight=0.0, ckpt_every=0), progress=False)
         t.train()
         runs[accum] = t
         vq = t.model.quantizer
         assert vq.manual_ema_update and int(vq.update_steps) == 3  # once per optimizer step, not per micro-batch
         assert t.ema.updates == 3
         assert int(vq.usage_counts.sum()) == 3 * 8 * 8 * 8  # 3 steps x 8 images x 8 x 8 tokens
-    a, b = runs[1].model.state_dict(), runs[4].model.state_dict()
-    for k in a:  # the same images and gradients, summed in another order: fp32 rounding apart
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=2e-4, atol=2e-5, msg=k)
     la, lb = losses(tmp_path / "acc1"), losses(tmp_path / "acc4")
-    assert [s for s, _ in la] == [s for s, _ in lb]
+    assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3]
     for (_, x), (_, y) in zip(la, lb):
-        assert y == pytest.approx(x, rel=1e-4)
+        assert y == pytest.approx(x, rel=1e-5)
+    # Adam divides by sqrt(v): an element whose gradient is ~0 moves by up to lr on a rounding difference, so a
+    # few elements differ by one step; all others agree to 1e-5
+    a, b = runs[1].model.state_dict(), runs[4].model.state_dict()
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a if a[k].is_floating_point()])
+    assert (diff > 1e-5).float().mean() < 0.01 and diff.max() < 2e-3
 
 
 # ---- non-finite losses -------------------------------------------------------------------------------------------------
