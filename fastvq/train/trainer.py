@@ -351,8 +351,9 @@ class Trainer:
             raise ValueError(f"fastvq train: gan_weight={weight} needs model.last_layer (the decoder's last weight) "
                              f"for the adaptive weight; {type(self.model).__name__} has none (set gan_weight=0)")
         start = cfg.disc_start if cfg.disc_start >= 0 else cfg.steps // 2
+        # adaptive_weight=False: the trainer applies VQGAN's adaptive weight itself, over ranks (_adaptive_weight)
         return GANLoss(disc_weight=weight, disc_start=start, disc_warmup=cfg.disc_warmup, disc_loss=cfg.disc_loss,
-                       gen_loss=cfg.disc_loss, lecam_weight=cfg.lecam_weight,
+                       gen_loss=cfg.disc_loss, adaptive_weight=False, lecam_weight=cfg.lecam_weight,
                        in_channels=self.model.config.in_channels, ndf=cfg.disc_ndf, n_layers=cfg.disc_layers,
                        norm=cfg.disc_norm).to(self.device)
 
@@ -388,7 +389,10 @@ class Trainer:
                     terms = {k: v.detach() for k, v in losses.items()}
                     d_loss = loss.new_zeros(())
                     if self.gan is not None:
-                        g_loss, g_terms = self.gan.generator_loss(rec, step, loss, self.model.last_layer)
+                        g_loss, g_terms = self.gan.generator_loss(rec, step)  # factor · L_G, or a constant 0
+                        if g_loss.requires_grad:
+                            g_terms["gan_adaptive_weight"] = self._adaptive_weight(loss, g_loss, g_terms["gan_factor"])
+                            g_loss = g_terms["gan_adaptive_weight"] * g_loss
                         loss = loss + g_loss
                         terms.update(g_terms)
                         if gan_on:
@@ -416,6 +420,21 @@ class Trainer:
         self._after_optimizer_step()
         sums.update(lr=lr, grad_norm=float(grad_norm))
         return sums
+
+    def _adaptive_weight(self, nll: Tensor, g_loss: Tensor, factor: Tensor) -> Tensor:
+        """VQGAN's adaptive weight λ = ‖∇_w nll‖ / (‖∇_w L_G‖ + 1e-4), clamped to [0, 1e4], over ``w =
+        model.last_layer`` (``fastvq.losses.adaptive_gan_weight``), with both gradients averaged over ranks first:
+        λ is a non-linear function of the batch, and this makes it the one a single process computes on the whole
+        micro-batch. ``g_loss`` is ``factor · L_G``, so its gradient norm is divided by ``factor``."""
+        last = self.model.last_layer
+        g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
+        g_gan = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        both = torch.stack([g_nll, g_gan])
+        if self.world > 1:
+            dist.all_reduce(both)
+            both /= self.world
+        lam = both[0].norm() / (both[1].norm() / factor + 1e-4)
+        return lam.clamp(0.0, 1e4).detach()
 
     def _after_optimizer_step(self) -> None:
         from fastvq.losses import ClipContrastiveLoss
