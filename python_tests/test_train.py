@@ -287,3 +287,26 @@ def test_eval_and_reconstruct_commands(tmp_path, capsys):
     Image.fromarray((torch.rand(20, 24, 3) * 255).byte().numpy()).save(tmp_path / "in.png")
     assert cli(["reconstruct", str(run), str(tmp_path / "in.png"), str(tmp_path / "out.png")]) == 0
     assert Image.open(tmp_path / "out.png").size == (16, 16)
+
+
+def test_text_tower_metrics_through_embed_images(tmp_path):
+    """UniTok's evaluation hook: embed_images is the CLIP head on the post-quantization tokens, and a model with a
+    text tower gets zero-shot and retrieval numbers (a byte-embedding stand-in tower: values, not quality)."""
+    from test_models_unitok import FakeTextTower
+
+    from fastvq.models import from_preset
+    from fastvq.train.evaluate import evaluate_model
+    model = from_preset("unitok-tiny", image_size=32, perceptual_weight=0.0).eval()
+    model.set_text_encoder(FakeTextTower())
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = model.encode(x)
+        want = model.image_features(model.post_quant_proj(out.quantized))
+        torch.testing.assert_close(model.embed_images(x), want)
+        m = evaluate_model(model, "fashion_mnist", 12, 0, 32)
+    zs, rt = m["details"]["zero_shot"], m["details"]["retrieval"]
+    assert zs["n"] == 12 and zs["settings"]["num_classes"] == 10 and 0 <= m["zero_shot_top1"] <= 1
+    assert m["zero_shot_top1"] == zs["details"]["top1"]
+    assert rt["settings"]["n_texts"] == 12 and m["retrieval"] == pytest.approx(
+        sum(rt["details"][k] for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")) / 4)
+    assert m["usage"] * 256 * 4 == pytest.approx(sum(round(u * 256) for u in m["details"]["usage"]["details"]["usage"]))
