@@ -62,7 +62,7 @@ def losses(run: Path) -> list:
             if "loss" in r]
 
 
-# ---- schedule and config -------------------------------------------------------------------------------------------
+# ---- schedule and config ---------------------------------------------------------------------------------------------
 
 def test_warmup_cosine_schedule_values():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
@@ -155,10 +155,11 @@ def test_unitok_resume_in_process_is_bit_identical(tmp_path):
     ref.train()
     Trainer(micro_config(tmp_path, out=str(tmp_path / "b"), **dict(kw, steps=2)), progress=False).train()
     Trainer(micro_config(tmp_path, out=str(tmp_path / "b"), **kw), resume="auto", progress=False).train()
-    assert_bit_identical(weights(tmp_path / "a/checkpoints/step-000003"), weights(tmp_path / "b/checkpoints/step-000003"))
+    assert_bit_identical(weights(tmp_path / "a/checkpoints/step-000003"),
+                         weights(tmp_path / "b/checkpoints/step-000003"))
 
 
-# ---- accumulation, codebook and EMA steps ---------------------------------------------------------------------------
+# ---- accumulation, codebook and EMA steps ----------------------------------------------------------------------------
 
 def test_grad_accum_equals_the_full_batch_and_updates_once_per_step(tmp_path):
     """4 micro-batches of 2 against one batch of 8: the same loss curve (fp32 summation order apart), codebook and
@@ -166,8 +167,9 @@ def test_grad_accum_equals_the_full_batch_and_updates_once_per_step(tmp_path):
     float bits, so a last-bit difference picks another vector (the choice does not depend on the split itself)."""
     runs = {}
     for accum in (1, 4):
-        t = Trainer(micro_config(tmp_path, model=dict(MICRO, dead_code_threshold=0.0), out=str(tmp_path / f"acc{accum}"),
-                                 grad_accum=accum, steps=3, gan_weight=0.0, ckpt_every=0), progress=False)
+        t = Trainer(micro_config(tmp_path, model=dict(MICRO, dead_code_threshold=0.0),
+                                 out=str(tmp_path / f"acc{accum}"), grad_accum=accum, steps=3, gan_weight=0.0,
+                                 ckpt_every=0), progress=False)
         t.train()
         runs[accum] = t
         vq = t.model.quantizer
@@ -185,7 +187,7 @@ def test_grad_accum_equals_the_full_batch_and_updates_once_per_step(tmp_path):
     assert (diff > 1e-5).float().mean() < 0.01 and diff.max() < 2e-3
 
 
-# ---- non-finite losses -------------------------------------------------------------------------------------------------
+# ---- non-finite losses -----------------------------------------------------------------------------------------------
 
 def test_nan_steps_are_skipped_counted_and_limited(tmp_path):
     t = Trainer(micro_config(tmp_path, steps=4, ckpt_every=1, gan_weight=0.0, max_nan_steps=1), progress=False)
@@ -221,7 +223,7 @@ def test_nan_steps_are_skipped_counted_and_limited(tmp_path):
     assert json.loads((tmp_path / "run/checkpoints/step-000003/state.json").read_text())["nan_steps"] == 1
 
 
-# ---- checkpoints: atomic writes, full disk, corruption, mismatches ------------------------------------------------
+# ---- checkpoints: atomic writes, full disk, corruption, mismatches ---------------------------------------------------
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     root = tmp_path / "ckpt"
@@ -270,7 +272,7 @@ def test_unknown_preset_and_data_set_are_clear_errors(tmp_path, capsys):
     assert "stage=2 needs a model with set_stage(); VQGAN has a single stage" in capsys.readouterr().err
 
 
-# ---- eval and reconstruct commands --------------------------------------------------------------------------------------
+# ---- eval and reconstruct commands -----------------------------------------------------------------------------------
 
 def test_eval_and_reconstruct_commands(tmp_path, capsys):
     from PIL import Image

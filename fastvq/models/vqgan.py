@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor

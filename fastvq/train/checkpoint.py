@@ -168,7 +168,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                      and any(p.name.startswith(_PREFIX) for p in path.iterdir())):
         latest = path / LATEST
         if not latest.is_file():
-            raise CheckpointError(f"{who}: {path} has no {LATEST} file; pass one of {[p.name for p in list_checkpoints(path)]}")
+            names = [p.name for p in list_checkpoints(path)]
+            raise CheckpointError(f"{who}: {path} has no {LATEST} file; pass one of {names}")
         target = path / latest.read_text().strip()
         others = [str(p) for p in list_checkpoints(path) if p != target]
         try:

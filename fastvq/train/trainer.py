@@ -36,8 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from fastvq.train.checkpoint import (CheckpointError, clean_partial, resolve_checkpoint, write_atomic,
-                                     write_checkpoint)
+from fastvq.train.checkpoint import clean_partial, resolve_checkpoint, write_atomic, write_checkpoint
 from fastvq.train.config import RESUME_MUTABLE, TrainConfig, resume_mismatches
 
 __all__ = ["Trainer", "TrainingError", "WeightEMA", "lr_at", "build_model", "load_checkpoint_model"]
