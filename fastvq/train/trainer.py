@@ -60,22 +60,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class WeightEMA:
-    """Exponential moving average of a model's floating-point state (parameters and float buffers), stepped once
-    per optimizer step: ``shadow ← d·shadow + (1 − d)·value`` with ``d = min(decay, (1 + t)/(10 + t))`` at update
-    ``t`` (TensorFlow's ``num_updates`` warm-up, so a short run is not dominated by the initialisation). Integer
-    buffers (counters) are copied. ``shadow`` is a plain dict of fp32 tensors, saved as safetensors."""
+    """Exponential moving average of a model's parameters, stepped once per optimizer step:
+    ``shadow ← d·shadow + (1 − d)·param`` with ``d = min(decay, (1 + t)/(10 + t))`` at update ``t`` (TensorFlow's
+    ``num_updates`` warm-up, so a short run is not dominated by the initialisation). Buffers (an EMA codebook and
+    its statistics, usage counters) are copied, not averaged: they are already the model's running state, and an
+    averaged codebook would not match its own statistics. ``shadow`` is a plain dict of tensors (the state dict's
+    keys), saved as safetensors."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+        self.params = {name for name, _ in model.named_parameters()}
+        self.shadow = {k: v.detach().clone().float() if k in self.params else v.detach().clone()
                        for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for k, v in model.state_dict().items():
-            if v.is_floating_point():
+            if k in self.params:
                 self.shadow[k].lerp_(v.detach().float(), 1.0 - d)
             else:
                 self.shadow[k].copy_(v)
@@ -316,10 +319,9 @@ class Trainer:
         self.history: list[dict] = []
         if resume_dir is not None:
             self._load(resume_dir)
-        elif self.rank == 0 and self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
+        elif (self.ckpt_root / "latest").exists():
             raise TrainingError(f"fastvq train: {self.out} already holds checkpoints; pass --resume to continue "
                                 "that run, or another --out")
-        self.evaluator = None
 
     # ---- set-up ------------------------------------------------------------------------------------------------
 
