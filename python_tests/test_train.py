@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastvq.cli import main as cli
+from fastvq.models import VQGAN, VQGANConfig, register_preset
 from fastvq.train import (CheckpointError, TrainConfig, Trainer, TrainingError, apply_overrides, lr_at,
                           resolve_checkpoint, write_checkpoint)
 from fastvq.train.trainer import WeightEMA
@@ -312,3 +313,49 @@ def test_text_tower_metrics_through_embed_images(tmp_path):
     assert rt["settings"]["n_texts"] == 12 and m["retrieval"] == pytest.approx(
         sum(rt["details"][k] for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")) / 4)
     assert m["usage"] * 256 * 4 == pytest.approx(sum(round(u * 256) for u in m["details"]["usage"]["details"]["usage"]))
+
+
+def test_compile_flag_trains_the_same(tmp_path):
+    """--compile: torch.compile of the model (aot_eager here: AOTAutograd traces forward and backward without
+    inductor's minute of code generation on 2 cores) gives the eager loss curve."""
+    curves = []
+    for compiled in (False, True):
+        out = tmp_path / f"c{int(compiled)}"
+        Trainer(micro_config(tmp_path, out=str(out), steps=2, ckpt_every=0, gan_weight=0.0, compile=compiled,
+                             compile_backend="aot_eager"), progress=False).train()
+        curves.append(losses(out))
+    assert [s for s, _ in curves[1]] == [1, 2]
+    for (_, a), (_, b) in zip(*curves):
+        assert b == pytest.approx(a, rel=1e-5)
+
+
+class StagedVQGAN(VQGAN):
+    """A two-stage model for the trainer's stage hook (VQRAE's shape): stage 1 freezes the encoder."""
+
+    model_name = "vqgan-staged-test"
+
+    def set_stage(self, stage: int) -> None:
+        self.encoder.requires_grad_(stage != 1)
+
+
+register_preset("vqgan-staged-test", StagedVQGAN, VQGANConfig(**{**MICRO, "channel_mult": (1, 2)}))
+
+
+def test_stages_and_init_from(tmp_path):
+    """stage=1 trains with the encoder frozen (the optimizer holds only trainable parameters); stage 2 starts from
+    stage 1's EMA weights (init_from) and trains everything."""
+    from fastvq.models import from_preset
+    kw = dict(preset="vqgan-staged-test", model={}, steps=2, ckpt_every=0, gan_weight=0.0)
+    torch.manual_seed(0)
+    init = from_preset("vqgan-staged-test").state_dict()
+    s1 = Trainer(micro_config(tmp_path, out=str(tmp_path / "s1"), stage=1, **kw), progress=False)
+    s1.train()
+    after1 = s1.model.state_dict()
+    assert all(torch.equal(after1[k], init[k]) for k in init if k.startswith("encoder."))
+    assert not torch.equal(after1["decoder.conv_out.weight"], init["decoder.conv_out.weight"])
+    s2 = Trainer(micro_config(tmp_path, out=str(tmp_path / "s2"), stage=2, init_from=str(tmp_path / "s1"), **kw),
+                 progress=False)
+    ema1 = load_file(str(tmp_path / "s1/checkpoints/step-000002/ema.safetensors"))
+    assert all(torch.equal(s2.model.state_dict()[k], v) for k, v in ema1.items())
+    s2.train()
+    assert not torch.equal(s2.model.state_dict()["encoder.conv_in.weight"], ema1["encoder.conv_in.weight"])
