@@ -107,8 +107,12 @@ def _bench_table(out: Path) -> str:
     (out / "bench.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         return f"`python -m fastvq.bench --quick -k ...` failed (exit {proc.returncode}); see bench.log\n"
-    return (f"`python -m fastvq.bench --quick -k \"{BENCH_SUBSET}\"` ({time.time() - t0:.0f} s; the full benchmark: "
-            f"`python -m fastvq.bench`, docs/benchmarks.md):\n\n```\n{proc.stdout.strip()}\n```\n")
+    lines = proc.stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("case ")), 0)  # fastvq's summary table
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return (f"`python -m fastvq.bench --quick -k \"{BENCH_SUBSET}\"` ({time.time() - t0:.0f} s, OMP_NUM_THREADS={threads}; "
+            "the full benchmark: "
+            f"`python -m fastvq.bench`, docs/benchmarks.md):\n\n```\n" + "\n".join(lines[start:]).strip() + "\n```\n")
 
 
 def _fmt(v, digits=3) -> str:
