@@ -110,9 +110,10 @@ def _bench_table(out: Path) -> str:
     lines = proc.stdout.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("case ")), 0)  # fastvq's summary table
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    return (f"`python -m fastvq.bench --quick -k \"{BENCH_SUBSET}\"` ({time.time() - t0:.0f} s, OMP_NUM_THREADS={threads}; "
-            "the full benchmark: "
-            f"`python -m fastvq.bench`, docs/benchmarks.md):\n\n```\n" + "\n".join(lines[start:]).strip() + "\n```\n")
+    table = "\n".join(lines[start:]).strip()
+    return (f"`python -m fastvq.bench --quick -k \"{BENCH_SUBSET}\"` ({time.time() - t0:.0f} s, "
+            f"OMP_NUM_THREADS={threads}; the full benchmark: `python -m fastvq.bench`, docs/benchmarks.md):\n\n"
+            f"```\n{table}\n```\n")
 
 
 def _fmt(v, digits=3) -> str:
