@@ -244,6 +244,25 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000003", "step-000004"]
 
 
+def test_a_crash_mid_write_leaves_latest_on_the_previous_checkpoint(tmp_path):
+    """A process that dies inside write_checkpoint (here: an exception other than OSError, after one file) leaves
+    its temporary directory behind and `latest` untouched; the next run's clean_partial removes the leftover."""
+    from fastvq.train.checkpoint import clean_partial
+    root = tmp_path / "ckpt"
+    write_checkpoint(root, 1, {"a.json": lambda p: p.write_text('{"step": 1}')}, keep_last=3)
+
+    def die(p):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(root, 2, {"a.json": lambda p: p.write_text('{"step": 2}'), "b.json": die}, keep_last=3)
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == [f".tmp-step-000002-{os.getpid()}"]
+    assert (root / "latest").read_text() == "step-000001\n" and resolve_checkpoint(root).name == "step-000001"
+    clean_partial(root)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001"]
+
+
 def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     cfg = micro_config(tmp_path, steps=2, ckpt_every=1, gan_weight=0.0)
     Trainer(cfg, progress=False).train()
