@@ -20,7 +20,7 @@ class TrainConfig:
     ``model.set_stage(n)``, e.g. VQRAE's stage 2), ``init_from`` (a checkpoint or ``save_pretrained`` directory
     whose weights start the run, e.g. stage 1's result for stage 2).
     Data: ``data`` (a ``fastvq.data`` set), ``image_size`` (0: the preset's), ``captions`` (pass each image's
-    caption as ``texts``; models without a text tower ignore them).
+    caption as ``texts`` to a model with a text tower, i.e. a ``text_features`` method).
     Optimisation: ``steps`` optimizer steps of ``batch_size`` images (global, over all ranks and micro-batches),
     split into ``grad_accum`` micro-batches; AdamW (``lr``, ``betas``, ``weight_decay`` on >= 2-D weights only),
     ``warmup_steps`` linear warm-up then cosine decay to ``min_lr_ratio · lr``; ``grad_clip`` (global norm, 0: off);

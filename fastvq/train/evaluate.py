@@ -40,11 +40,11 @@ def reconstruct(model, images: Tensor, batch_size: int = 32) -> tuple[Tensor, li
 
 def _usage(model, indices: list[Tensor]):
     from fastvq.eval import codebook_usage
-    cfg = model.config
-    K = getattr(cfg, "codebook_size", None)
+    cfg, quantizer = model.config, getattr(model, "quantizer", None)
+    K = getattr(cfg, "codebook_size", None) or getattr(quantizer, "codebook_size", None)
     if K is None:
         return None
-    G = getattr(cfg, "num_codebooks", 1)
+    G = getattr(cfg, "num_codebooks", None) or getattr(quantizer, "num_codebooks", None) or 1
     flat = torch.cat([i.reshape(-1) for i in indices])
     if flat.numel() % G:
         return None

@@ -13,9 +13,9 @@ Per optimizer step (``grad_accum`` micro-batches, ``no_sync`` on all but the las
     log (rank 0), evaluate (rank 0), checkpoint (rank 0 writes, every rank's RNG state in it)
 
 Model hooks (all optional, nothing model-specific in here): ``model.set_stage(n)`` for ``stage > 0``;
-``model.last_layer`` for the adaptive GAN weight (no GAN without it); ``model.embed_images`` +
-``model.text_features`` for zero-shot / retrieval evaluation; ``model.config.num_codebooks`` and
-``codebook_size`` for the usage metric.
+``model.last_layer`` for the adaptive GAN weight (no GAN without it); ``model.text_features`` (a text tower:
+captions are passed as ``texts`` only then) and ``model.embed_images`` for zero-shot / retrieval evaluation; ``config`` (or ``quantizer``) ``codebook_size`` and
+``num_codebooks`` for the usage metric.
 """
 from __future__ import annotations
 
@@ -300,7 +300,9 @@ class Trainer:
 
         from fastvq.data import load_dataset
         train_ds = load_dataset(cfg.data, "train", channels=3, image_size=self.image_size)
-        self.data = DataStream(train_ds, train_ds.captions if cfg.captions else None,
+        # captions go to models with a text tower (the text_features hook) only: others may refuse texts
+        self.use_texts = cfg.captions and callable(getattr(self.model, "text_features", None))
+        self.data = DataStream(train_ds, train_ds.captions if self.use_texts else None,
                                cfg.batch_size // cfg.grad_accum, cfg.seed, self.rank, self.world)
 
         self.ddp = None
