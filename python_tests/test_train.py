@@ -283,6 +283,15 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
         Trainer(micro_config(tmp_path, steps=4, gan_weight=0.0), progress=False)
 
 
+def test_a_fresh_start_keeps_the_log_of_a_run_that_never_checkpointed(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    Trainer(micro_config(tmp_path, steps=1, gan_weight=0.0), progress=False).train()
+    assert (run / "metrics.jsonl.previous").read_text() == '{"step": 7, "loss": 1.0}\n'
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 1]
+
+
 def test_unknown_preset_and_data_set_are_clear_errors(tmp_path, capsys):
     assert cli(["train", "tokenizer", "--preset", "unitok-huge", "--out", str(tmp_path / "x")]) == 2
     assert "fastvq: error: unknown preset 'unitok-huge'; known: [" in capsys.readouterr().err

@@ -474,6 +474,9 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_partial(self.ckpt_root)
+            log = self.out / "metrics.jsonl"
+            if self.step == 0 and log.exists():  # a run that died before its first checkpoint: keep its log aside
+                os.replace(log, self.out / "metrics.jsonl.previous")
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         bar = None
         if self.rank == 0 and self.progress:
