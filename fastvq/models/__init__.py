@@ -12,9 +12,10 @@ from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, from_preset, fr
 from fastvq.models.mergevq import MergeVQ, MergeVQConfig
 from fastvq.models.unitok import UniTok, UniTokConfig
 from fastvq.models.uniwetok import UniWeTok, UniWeTokConfig
+from fastvq.models.vqgan import VQGAN, VQGANConfig
 from fastvq.models.vqrae import VQRAE, VQRAEConfig
 
 __all__ = ["AdaptiveGroupNorm", "Attention", "AttnProjection", "Downsample", "GeGLU", "LayerNorm2d", "MBConv",
            "MergeVQ", "MergeVQConfig", "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig",
-           "UniWeTok", "UniWeTokConfig", "Upsample", "VQRAE", "VQRAEConfig", "ViTBlock", "ViTaminStem", "blocks",
-           "from_preset", "from_pretrained", "list_presets", "register_preset"]
+           "UniWeTok", "UniWeTokConfig", "Upsample", "VQGAN", "VQGANConfig", "VQRAE", "VQRAEConfig", "ViTBlock",
+           "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets", "register_preset"]

@@ -323,6 +323,15 @@ class UniTok(Tokenizer):
         ``[B, N, width]``: ``Linear(LN(mean over N))``."""
         return self.clip_proj(self.clip_norm(tokens.mean(dim=1)))
 
+    def embed_images(self, images: Tensor) -> Tensor:
+        """The CLIP image embedding ``[B, clip_dim]`` of ``images [B, C, H, W]`` in ``[-1, 1]`` (encode, quantize,
+        post-quantization projection, :meth:`image_features`); with :meth:`text_features`, the towers that
+        zero-shot classification and retrieval use (``fastvq.train``'s evaluation hook)."""
+        _, out, _ = self._quantize(images)
+        with fp32_island(images.device):
+            tokens = self.post_quant_proj(out.quantized.float())
+        return self.image_features(tokens)
+
     def text_features(self, texts: Sequence[str] | Tensor) -> Tensor:
         """The CLIP text embedding ``[B, clip_dim]`` (not normalised): ``text_proj`` of the frozen tower's
         features (``texts``: captions, or the tower's features ``[B, text_dim]``)."""

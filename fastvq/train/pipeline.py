@@ -1,0 +1,216 @@
+"""The main job (``fastvq pipeline``, ``bash scripts/main.sh``): train the tiny unified tokenizers and the plain
+VQ baseline for the same budget on the embedded default data, evaluate them against their untrained selves, and
+write ``<out>/report.md`` (docs/training.md, "The main job").
+
+Every model gets the same recipe (:func:`pipeline_config`): ``steps`` AdamW steps of 16 Fashion-MNIST images at
+64 px, warm-up + cosine, the weight EMA, the discriminator from half-way, no perceptual term (its
+EfficientNet-Lite0 forward at 224 px would cost more than the tokenizers themselves on 2 cores). The evaluation
+uses the EMA weights on fixed fashion_mnist/val lists: PSNR/SSIM/usage on ``eval_n`` images, rFID/KID on ``fid_n``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastvq.train.config import TrainConfig
+from fastvq.train.evaluate import evaluate_model, loss_curve_png
+
+__all__ = ["PIPELINE_PRESETS", "pipeline_config", "run_pipeline", "measure_speed", "SPEED_PRESETS"]
+
+# The tokenizers the main job trains, in report order; a preset that is not registered on this checkout is
+# reported as missing, never substituted.
+PIPELINE_PRESETS = ("unitok-tiny", "mergevq-tiny", "vqgan-tiny")
+# Every CPU-sized preset whose training speed the report measures (those registered at run time).
+SPEED_PRESETS = ("unitok-tiny", "mergevq-tiny", "uniwetok-tiny", "vqrae-tiny", "vqgan-tiny", "vqgan-small")
+DEFAULT_STEPS = 100
+DEFAULT_FID_N = 32
+# The op-speed subset of `python -m fastvq.bench --quick` the report runs: the ops these tokenizers train with
+# (UniTok's multi-codebook search and gather, MergeVQ's LFQ entropy, the VQ EMA's segment sums) against their
+# references and faiss. The whole quick run (97 cases) takes ~10 minutes on 2 loaded cores.
+BENCH_SUBSET = ("(test_search_ and unitok) or test_gather or (test_entropy_loss and not reference) "
+                "or (test_segment_sum and unitok)")
+EVAL_N = 128
+
+
+def pipeline_config(preset: str, out: Path, steps: int) -> TrainConfig:
+    """The one recipe every model of the main job is trained with."""
+    return TrainConfig(preset=preset, model={"perceptual_weight": 0.0}, steps=steps, batch_size=16, lr=1e-3,
+                       warmup_steps=max(1, steps // 10), log_every=max(1, steps // 30), eval_n=EVAL_N, fid_n=0,
+                       out=str(out))
+
+
+def _machine() -> dict:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def measure_speed(preset: str, steps: int = 2, warmup: int = 1, batch_size: int = 16) -> dict:
+    """Training images/s of ``preset`` (the pipeline's recipe with the discriminator on, fp32) over ``steps``
+    timed optimizer steps after ``warmup``, and the share of CPU time spent in fastvq ops over one more step
+    (``torch.profiler``: the self time of ``fastvq::*`` ops over the self time of all ops; profiled apart, so its
+    overhead is not in the images/s)."""
+    import tempfile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's C++ start/stop lines
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastvq.train.trainer import Trainer
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(pipeline_config(preset, Path(tmp), warmup + steps + 1), batch_size=batch_size,
+                                  disc_start=0, captions=True)
+        t = Trainer(cfg, progress=False)
+        t.model.train()
+
+        def one_step():
+            t._train_step()
+            t.step += 1
+
+        for _ in range(warmup):
+            one_step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        seconds = time.perf_counter() - t0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ours = sum(e.self_cpu_time_total for e in events if e.key.startswith("fastvq::"))
+    return {"preset": preset, "images_per_s": round(steps * batch_size / seconds, 2), "batch_size": batch_size,
+            "steps": steps, "fastvq_op_share": round(ours / total, 4) if total else 0.0,
+            "params": sum(p.numel() for p in t.model.parameters())}
+
+
+def _bench_table(out: Path) -> str:
+    """``python -m fastvq.bench --quick``'s table (its own process), or why there is none."""
+    cmd = [sys.executable, "-m", "fastvq.bench", "--quick", "-k", BENCH_SUBSET, "--json", str(out / "bench.json")]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (out / "bench.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return f"`python -m fastvq.bench --quick -k ...` failed (exit {proc.returncode}); see bench.log\n"
+    lines = proc.stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("case ")), 0)  # fastvq's summary table
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    table = "\n".join(lines[start:]).strip()
+    return (f"`python -m fastvq.bench --quick -k \"{BENCH_SUBSET}\"` ({time.time() - t0:.0f} s, "
+            f"OMP_NUM_THREADS={threads}; the full benchmark: `python -m fastvq.bench`, docs/benchmarks.md):\n\n"
+            f"```\n{table}\n```\n")
+
+
+def _fmt(v, digits=3) -> str:
+    return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def run_pipeline(out: str | Path = "runs/main", steps: int | None = None, presets: list[str] | None = None,
+                 fid_n: int | None = None, bench: bool = True) -> Path:
+    """Train, evaluate and report; returns the path of ``report.md``."""
+    import fastvq.models as models
+    from fastvq.train.trainer import Trainer, load_checkpoint_model
+    out = Path(out)
+    steps = steps or DEFAULT_STEPS
+    fid_n = DEFAULT_FID_N if fid_n is None else fid_n
+    wanted = list(presets or PIPELINE_PRESETS)
+    available = [p for p in wanted if p in models.list_presets()]
+    missing = [p for p in wanted if p not in available]
+    if not available:
+        raise ValueError(f"fastvq pipeline: none of {wanted} is registered; known: {models.list_presets()}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t_start = time.time()
+    timings, rows, figures = {}, [], []
+    for preset in available:
+        cfg = pipeline_config(preset, out / preset, steps)
+        t0 = time.time()
+        Trainer(cfg).train()
+        timings[preset] = time.time() - t0
+        history = [json.loads(line) for line in (out / preset / "metrics.jsonl").read_text().splitlines()]
+        train_log = [r for r in history if "loss" in r]
+        ips = [r["images_per_s"] for r in train_log[1:]] or [r["images_per_s"] for r in train_log]
+        torch.manual_seed(cfg.seed)  # the initialisation the trained run started from
+        for label, model, trained in (("untrained", models.from_preset(preset, **cfg.model), False),
+                                      (f"trained {steps} steps (EMA)", load_checkpoint_model(out / preset), True)):
+            print(f"fastvq pipeline: evaluating {preset} ({label})", file=sys.stderr)
+            tag = f"{preset}-{'trained' if trained else 'untrained'}"
+            m = evaluate_model(model.eval(), cfg.data, EVAL_N, fid_n, model.config.image_size, out / "eval", tag)
+            rows.append({"preset": preset, "weights": label, "params": sum(p.numel() for p in model.parameters()),
+                         "train_images_per_s": round(sum(ips) / len(ips), 2) if trained else None, **m})
+            figures.append((f"{preset}, {label}", f"eval/{tag}-recon.png"))
+        loss_curve_png(train_log, out / preset / "loss_curve.png", f"{preset}: training loss")
+    speed = [measure_speed(p) for p in SPEED_PRESETS if p in models.list_presets()]
+    bench_md = _bench_table(out) if bench else "(skipped: --no-bench)\n"
+    total = time.time() - t_start
+    (out / "results.json").write_text(json.dumps({"machine": _machine(), "rows": rows, "speed": speed,
+                                                  "train_seconds": timings, "total_seconds": total,
+                                                  "missing": missing}, indent=1, default=float) + "\n")
+    path = out / "report.md"
+    path.write_text(_report(rows, speed, timings, total, missing, steps, fid_n, figures, available, bench_md))
+    print(f"fastvq pipeline: wrote {path} ({total:.0f} s)", file=sys.stderr)
+    return path
+
+
+def _report(rows, speed, timings, total, missing, steps, fid_n, figures, presets, bench_md) -> str:
+    m = _machine()
+    cfg = pipeline_config("<preset>", Path("."), steps)
+    lines = [
+        "# fastvq main job: tiny tokenizers on Fashion-MNIST", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
+        f"GPU: {m['gpu'] or 'none'}; load average at the end {m['load_average']}. Total {total:.0f} s.", "",
+        f"Recipe (every model): {steps} AdamW steps of {cfg.batch_size} images (fashion_mnist/train, 64 px, "
+        f"greyscale as RGB), lr {cfg.lr} with {cfg.warmup_steps} warm-up steps and cosine decay, weight EMA "
+        f"{cfg.ema_decay}, PatchGAN discriminator (hinge, adaptive weight) from step {steps // 2}, no perceptual "
+        "term; evaluation with the EMA weights.", "",
+    ]
+    if missing:
+        lines += [f"Not registered on this checkout, so not trained: {', '.join(missing)}.", ""]
+    lines += [
+        "## Metrics", "",
+        f"fashion_mnist/val, fixed lists (`fixed_subset(n, seed=0)`): PSNR (dB, mean of per-image values after "
+        f"uint8 rounding), SSIM (Gaussian 11/1.5, per channel) and codebook usage over n = {EVAL_N}; rFID and KID "
+        f"(TF-Inception pool3, 299 px) over N = {fid_n}: with so few images FID is biased upward and only comparable "
+        "at the same N. Zero-shot (10 classes, 3 templates) and retrieval (mean of image→text and text→image "
+        "R@1/R@5) only for models with a text tower (UniTok, against the frozen MiniLM tower).", "",
+        "| model | weights | params | PSNR | SSIM | usage | perplexity | rFID | KID | zero-shot top-1 | retrieval | "
+        "train img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['weights']} | {r['params']:,} | {_fmt(r.get('psnr'), 2)} | "
+                     f"{_fmt(r.get('ssim'))} | {_fmt(r.get('usage'))} | {_fmt(r.get('perplexity'), 1)} | "
+                     f"{_fmt(r.get('rfid'), 1)} | {_fmt(r.get('kid'), 4)} | {_fmt(r.get('zero_shot_top1'))} | "
+                     f"{_fmt(r.get('retrieval'))} | {_fmt(r.get('train_images_per_s'), 1)} |")
+    lines += ["", "## Reconstructions", "", "Top row: originals; bottom row: reconstructions (encode → indices → "
+              "decode_indices).", ""]
+    lines += [f"**{title}**\n\n![{title}]({png})\n" for title, png in figures]
+    lines += ["## Loss curves", ""]
+    lines += [f"![{p}]({p}/loss_curve.png)\n" for p in presets]
+    lines += ["## Training time", "", "| model | wall seconds (train + in-loop eval + checkpoints) |", "|---|---|"]
+    lines += [f"| {p} | {s:.0f} |" for p, s in timings.items()]
+    lines += ["", "## Training speed", "",
+              "Images/s over 2 optimizer steps of 16 images after 1 warm-up step, discriminator on, fp32; "
+              "fastvq-op share: self CPU time of `fastvq::*` ops over that of all ops in one more step "
+              "(torch.profiler).", "",
+              "| preset | params | images/s | fastvq-op share |", "|---|---|---|---|"]
+    lines += [f"| {s['preset']} | {s['params']:,} | {s['images_per_s']} | {100 * s['fastvq_op_share']:.1f}% |"
+              for s in speed]
+    lines += ["", "## Op speed", "", bench_md]
+    return "\n".join(lines) + "\n"
