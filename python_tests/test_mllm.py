@@ -64,11 +64,12 @@ def full_forward_logits(m, prompts, codes, cfg_scale):
 
 # ---- generation == repeated full forward passes ----------------------------------------------------------------
 
-@pytest.mark.parametrize("adapter,group_sizes", [("mcq", (16, 16, 16)), ("bits", (8, 32))])
+@pytest.mark.parametrize("adapter,group_sizes,depth_layers", [("mcq", (16, 16, 16), 2), ("bits", (8, 32), 2),
+                                                              ("bits", (32,), 0), ("mcq", (8, 16), 0)])
 @pytest.mark.parametrize("cache", ["fastvq", "static"])
 @pytest.mark.parametrize("cfg_scale", [None, 3.0])
-def test_greedy_equals_repeated_full_forward(tt, adapter, group_sizes, cache, cfg_scale, monkeypatch):
-    m = micro(tt, adapter, group_sizes)
+def test_greedy_equals_repeated_full_forward(tt, adapter, group_sizes, depth_layers, cache, cfg_scale, monkeypatch):
+    m = micro(tt, adapter, group_sizes, depth_layers=depth_layers)
     seen = []
     real = mllm_mod.sample_logits
     monkeypatch.setattr(mllm_mod, "sample_logits", lambda lg, **kw: (seen.append(lg.clone()), real(lg, **kw))[1])
