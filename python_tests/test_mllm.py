@@ -88,7 +88,7 @@ def test_greedy_equals_repeated_full_forward(tt, adapter, group_sizes, depth_lay
             assert torch.equal(ref.argmax(-1), codes[:, i, g]), (i, g)
             worst = max(worst, (seen[i * G + g] - ref).abs().max().item())
     # the stated tolerance: step logits (prefill + Decoder.step + incremental adapter + depth steps) equal the full
-    # forward's within 1e-4 absolute, fp32, for logits of magnitude ~10
+    # forward's within 1e-4 absolute, fp32 (logits of standard deviation ~2, magnitude up to ~7; measured <= 1e-5)
     assert worst < 1e-4, worst
 
 
