@@ -137,8 +137,8 @@ def part_a(tt, prompts, L_side, repeats, cfg):
     for k, (t, _) in res.items():
         print(f"{k:8s} {t:14.2f} {B * L / t:12.1f} {1000 * t / L:12.2f} {str(same[k]):>12s}")
     best = min(res["static"][0], res["hf"][0])
-    print(f"fastvq speed-up: {res['static'][0] / res['fastvq'][0]:.2f}x vs static, {res['hf'][0] / res['fastvq'][0]:.2f}x "
-          f"vs hf, {best / res['fastvq'][0]:.2f}x vs the faster baseline")
+    print(f"fastvq speed-up: {res['static'][0] / res['fastvq'][0]:.2f}x vs static, "
+          f"{res['hf'][0] / res['fastvq'][0]:.2f}x vs hf, {best / res['fastvq'][0]:.2f}x vs the faster baseline")
     return res
 
 

@@ -375,7 +375,8 @@ def test_bad_input_errors(tt):
     codes = random_codes(m.codec, 2)
     bad = codes.clone()
     bad[1, 2, 0] = 16
-    with pytest.raises(ValueError, match=r"MLLM.collate: codes\[1, 2, 0\] = 16 is outside \[0, 16\) \(an unknown code\)"):
+    with pytest.raises(ValueError, match=r"MLLM.collate: codes\[1, 2, 0\] = 16 is outside \[0, 16\) "
+                                         r"\(an unknown code\)"):
         m.collate(bad, ["a", "b"], "t2i")
     with pytest.raises(ValueError, match=r"MLLM.generate_text: codes must be int64 \[B, L=6, G=3\], got torch.int64 "
                                          r"\[2, 6, 2\]"):

@@ -2,9 +2,9 @@
 
 UniTok's MLLM (Liquid on Llama-2) is the reference design; LlamaGen gives the generation loop::
 
-    text ids ──────────── text embedding ─────────────────┐
-    codes [B, L, G] ─ adapter ──────────────────────────── one sequence ─ Decoder (fastvq.models.llm) ─ hidden [B, T, dim]
-        "mcq":  sub-code embeddings concatenated [B, L, G·e] → causal AttnProjection → LN-Linear-GELU-Linear → dim
+    text ids ──────────── text embedding ───────┐
+    codes [B, L, G] ─ adapter ────────────────── one sequence ─ Decoder (fastvq.models.llm) ─ hidden [B, T, dim]
+        "mcq":  sub-code embeddings concatenated [B, L, G·e] → causal AttnProjection → LN-Linear-GELU-Linear
         "bits": per-group embeddings summed → dim
     hidden at a text position  ─ text head  ─ next text token
     hidden before image pos i  ─ depth head ─ sub-codes v_i,0 .. v_i,G-1 in order:
@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,8 @@ class VisualCodec:
         if self.kind not in ("mcq", "bits"):
             raise ValueError(f"VisualCodec: kind must be 'mcq' or 'bits', got {self.kind!r}")
         if not self.group_sizes or min(self.group_sizes) < 2:
-            raise ValueError(f"VisualCodec: group_sizes must be a non-empty tuple of sizes >= 2, got {self.group_sizes}")
+            raise ValueError(f"VisualCodec: group_sizes must be a non-empty tuple of sizes >= 2, got "
+                             f"{self.group_sizes}")
         if len(self.grid) != 2 or min(self.grid) < 1:
             raise ValueError(f"VisualCodec: grid must be (h, w) >= 1, got {self.grid}")
 
@@ -158,7 +158,8 @@ class VisualCodec:
 
     def _check_tok(self, tok, who: str) -> None:
         if getattr(tok, "model_name", "") != self.tokenizer:
-            raise ValueError(f"{who}: this codec is for a {self.tokenizer!r} tokenizer, got {getattr(tok, 'model_name', tok)!r}")
+            raise ValueError(f"{who}: this codec is for a {self.tokenizer!r} tokenizer, got "
+                             f"{getattr(tok, 'model_name', tok)!r}")
 
     @torch.no_grad()
     def encode_with_extras(self, tok, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
@@ -373,8 +374,8 @@ class McqAdapter(nn.Module):
         """The incremental state: the attention's keys and values of the positions so far."""
         a = self.proj.attn
         shape = (batch_size, a.num_heads, length, a.head_dim)
-        return {"k": torch.empty(shape, dtype=dtype, device=device), "v": torch.empty(shape, dtype=dtype, device=device),
-                "n": 0}
+        return {"k": torch.empty(shape, dtype=dtype, device=device),
+                "v": torch.empty(shape, dtype=dtype, device=device), "n": 0}
 
     def step(self, codes: Tensor, state: dict[str, Any]) -> Tensor:
         """``codes [B, G]`` of the next position -> its embedding ``[B, dim]``; equals ``forward`` on all positions
@@ -563,8 +564,9 @@ class MLLM(nn.Module):
         mine = self.codec
         theirs = VisualCodec.from_tokenizer(tok, keep=mine.keep or None)
         if theirs != mine:
-            diff = {k: (getattr(mine, k), getattr(theirs, k)) for k in mine.to_dict() if getattr(mine, k) != getattr(theirs, k)}
-            raise ValueError(f"MLLM.check_tokenizer: the tokenizer does not match the one this MLLM was built for: "
+            diff = {k: (getattr(mine, k), getattr(theirs, k)) for k in mine.to_dict()
+                    if getattr(mine, k) != getattr(theirs, k)}
+            raise ValueError("MLLM.check_tokenizer: the tokenizer does not match the one this MLLM was built for: "
                              + ", ".join(f"{k} {a!r} (model) != {b!r} (tokenizer)" for k, (a, b) in diff.items()))
 
     # ---- batches -----------------------------------------------------------------------------------------------

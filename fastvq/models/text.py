@@ -123,7 +123,8 @@ class TextTokenizer:
             raise FileNotFoundError(f"TextTokenizer.load: {path} does not exist")
         meta = json.loads(path.read_text())
         if tuple(meta.get("specials", ())) != SPECIALS:
-            raise ValueError(f"TextTokenizer.load: {path} has specials {meta.get('specials')}, expected {list(SPECIALS)}")
+            raise ValueError(f"TextTokenizer.load: {path} has specials {meta.get('specials')}, expected "
+                             f"{list(SPECIALS)}")
         return cls(meta["pieces"])
 
     def __eq__(self, other) -> bool:
