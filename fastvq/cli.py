@@ -128,12 +128,12 @@ def _train(args) -> int:
 
 
 def _train_mllm(args) -> int:
-    from fastvq.models.mllm import MLLMConfig, mllm_presets
+    from fastvq.models.mllm import MLLMConfig, list_mllm_presets
     from fastvq.train import apply_overrides
     from fastvq.train.mllm import MLLMTrainConfig, MLLMTrainer
     preset = args.preset or "mllm-tiny"
-    if preset not in mllm_presets():
-        raise ValueError(f"fastvq train mllm: unknown MLLM preset {preset!r}; known: {mllm_presets()}")
+    if preset not in list_mllm_presets():
+        raise ValueError(f"fastvq train mllm: unknown MLLM preset {preset!r}; known: {list_mllm_presets()}")
     if not args.tokenizer:
         raise ValueError("fastvq train mllm: --tokenizer CKPT is required (the frozen visual tokenizer: a run, "
                          "checkpoint or save_pretrained directory, e.g. runs/main/unitok-tiny)")

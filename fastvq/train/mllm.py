@@ -52,7 +52,7 @@ from fastvq.train.trainer import (Trainer, TrainingError, WeightEMA, _load_optim
 
 __all__ = ["MLLMTrainConfig", "MLLMTrainer", "TaskStream", "TASKS", "QA_QUESTION", "MLLM_RESUME_MUTABLE",
            "tokenizer_fingerprint", "encode_split", "load_tokenizer", "load_mllm", "build_text_tokenizer",
-           "class_prompt", "task_counts"]
+           "class_prompt", "task_counts", "loss_curve_png", "untrained_like"]
 
 TASKS = ("t2i", "caption", "qa")
 QA_QUESTION = "what is this?"
@@ -188,7 +188,7 @@ def tokenizer_fingerprint(tok) -> str:
     for k, v in sorted(tok.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -352,9 +352,7 @@ class TaskStream:
 def _build_mllm(cfg: MLLMTrainConfig, codec, text_tok):
     from fastvq.models.mllm import MLLM
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
-    model = MLLM.from_preset(cfg.preset, text_vocab_size=text_tok.vocab_size, codec=codec, **overrides)
-    model.set_text_tokenizer(text_tok)
-    return model
+    return MLLM.from_preset(cfg.preset, codec=codec, text_tokenizer=text_tok, **overrides)
 
 
 def load_mllm(path: str | Path, ema: bool = True, map_location: str = "cpu"):
@@ -384,9 +382,48 @@ def load_mllm(path: str | Path, ema: bool = True, map_location: str = "cpu"):
     return model.eval(), tok
 
 
+def loss_curve_png(history: list[dict], path: Path, title: str) -> None:
+    """The logged training loss and every task's loss against the step, log scale, as a PNG."""
+    import math
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [r for r in history if "loss" in r]
+    if not records:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [r["step"] for r in records]
+    for key in ("loss", "t2i_loss", "t2i_image_loss", "caption_loss", "qa_loss"):
+        vals = [r.get(key) for r in records]
+        if all(v is not None and math.isfinite(v) and v > 0 for v in vals):
+            ax.plot(steps, vals, label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def untrained_like(mllm, seed: int = 0):
+    """A freshly initialised MLLM of ``mllm``'s config and text tokenizer, from ``torch.manual_seed(seed)`` (what
+    a run with that seed starts from): the untrained baseline of the evaluation. The global RNG is restored."""
+    from fastvq.models.mllm import MLLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MLLM(mllm.config, mllm.text_tokenizer)
+    return model.to(next(mllm.parameters()).device).eval()
+
+
 class _TaskMix(nn.Module):
     """One forward over every task of a micro-batch (so DDP sees one forward per backward): the loss is
-    ``Σ_task share_task · loss_task``, ``share`` the task's fraction of the micro-batch's items."""
+    ``Σ_task weight_task · loss_task`` (the trainer's weights: the task's share of the items, rescaled to the
+    step's token mean). The logged terms are the tasks' own (unweighted) losses."""
 
     def __init__(self, mllm: nn.Module):
         super().__init__()
@@ -398,9 +435,8 @@ class _TaskMix(nn.Module):
             out = self.mllm(batch)
             total = share * out["loss"] if total is None else total + share * out["loss"]
             terms[f"{task}_loss"] = out["loss"].detach()
-            for k in ("text_loss", "image_loss", "z_loss"):
-                if k in out and out[k] is not None:
-                    terms[f"{task}_{k}"] = out[k].detach()
+            if task == "t2i":  # its text term is the [eoi] prediction; captions and answers are all text
+                terms["t2i_image_loss"] = out["image_loss"]
         terms["loss"] = total
         return terms
 
@@ -545,8 +581,7 @@ class MLLMTrainer(Trainer):
         for task, item in micro.items():
             texts = item["texts"]
             if task == "t2i":
-                texts = ["" if d else t for t, d in zip(texts, item["drop"].tolist())]
-                batch = self.model.collate(item["codes"], texts, "t2i")
+                batch = self.model.collate(item["codes"], texts, "t2i", drop_prompt=item["drop"])
             elif task == "caption":
                 batch = self.model.collate(item["codes"], texts, "caption")
             else:
@@ -556,15 +591,30 @@ class MLLMTrainer(Trainer):
         return out
 
     def _train_step(self) -> dict | None:
-        """One optimizer step; the logged terms (means over micro-batches and ranks), or None when skipped."""
+        """One optimizer step; the logged terms (means over micro-batches and ranks), or None when skipped.
+
+        Every task's loss is a mean over its supervised tokens, and captions / answers have different lengths, so
+        a rank's (or a micro-batch's) mean is not the step's: each task's loss is rescaled by ``n_local · world ·
+        grad_accum / n_step`` (``n`` its supervised text tokens, ``n_step`` summed over the step's micro-batches and
+        ranks by one all-reduce), which makes the averaged gradient that of the token mean over the whole global
+        batch, what one process with ``grad_accum=1`` computes (t2i items all carry the same count: factor 1)."""
+        from fastvq.models.mllm import IGNORE
         cfg, step = self.cfg, self.step
         lr = lr_at(step, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        micros = [self._collate(self.stream.get(step * cfg.grad_accum + i)) for i in range(cfg.grad_accum)]
+        tasks = [t for t, _, _ in micros[0]]
+        local = torch.tensor([[float((b["text_targets"] != IGNORE).sum()) for _, b, _ in mb] for mb in micros],
+                             dtype=torch.float64)                          # [grad_accum, tasks]
+        total = local.sum(0)
+        if self.world > 1:
+            dist.all_reduce(total)
+        scale = local * (self.world * cfg.grad_accum) / total.clamp_min(1)
         sums: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batches = self._collate(self.stream.get(step * cfg.grad_accum + micro))
+        for micro, batches in enumerate(micros):
+            batches = [(t, b, share * float(scale[micro, tasks.index(t)])) for t, b, share in batches]
             last = micro == cfg.grad_accum - 1
             if self.ddp is not None and not last:
                 sync = self.ddp.no_sync()
@@ -638,7 +688,6 @@ class MLLMTrainer(Trainer):
         """In-loop evaluation on rank 0 (``fastvq.eval.mllm.quick_eval``: QA accuracy, caption BLEU-4/CIDEr-D on
         ``eval_n`` validation items, one generated image per Fashion-MNIST class as a PNG) with the EMA weights when
         kept; the loss curve as a PNG. Consumes no training RNG."""
-        from fastvq.train.evaluate import loss_curve_png
         result: dict = {}
         model = self.eval_model()
         if self.rank == 0:
