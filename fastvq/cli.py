@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("checkpoint")
     cap.add_argument("image", type=Path)
     cap.add_argument("--question", default=None, help="e.g. 'what is this?' (default: a caption)")
-    cap.add_argument("--max-new-tokens", type=int, default=32)
+    cap.add_argument("--max-new-tokens", type=int, default=None,
+                     help="default: the longest answer the model was trained on (max_text_len + [eos])")
     cap.add_argument("--no-ema", action="store_true")
 
     pipe = sub.add_parser("pipeline", help="the main job: train, evaluate, report (docs/training.md)")
@@ -199,7 +200,8 @@ def _caption(args) -> int:
     x = load_image(args.image, tok.config.image_size, tok.config.in_channels, "fastvq caption")
     with torch.no_grad():
         codes = _codec(mllm).encode(tok, x)
-        text = mllm.generate_text(codes, question=args.question, max_new_tokens=args.max_new_tokens,
+        text = mllm.generate_text(codes, question=args.question,
+                                  max_new_tokens=args.max_new_tokens or mllm.config.max_text_len + 1,
                                   temperature=0.0)[0]
     print(text)
     return 0

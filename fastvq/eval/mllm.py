@@ -7,7 +7,7 @@ metrics, and each task is scored against baselines that use no image (or no prom
 |---|---|---|---|
 | captioning | BLEU-4, CIDEr-D (:func:`fastvq.eval.caption_scores`) | held-out (val) emoji, Tux Paint, Fashion-MNIST | the most frequent training caption of the set for every image; the MLLM on a blank image |
 | QA ("what is this?") | exact-match accuracy of the class name | fashion_mnist/val | the majority training class for every image; the MLLM on a blank image |
-| text-to-image | generated-image accuracy (the cached Fashion-MNIST classifier), KID (TF-Inception pool3) against real val images | the 10 class prompts | the MLLM with the prompt dropped (unconditional); the tokenizer's reconstructions of real images (the ceiling the codes allow) |
+| text-to-image | generated-image accuracy (the cached Fashion-MNIST classifier), KID (TF-Inception pool3) against real val images | the 10 class prompts | the MLLM's unconditional samples (CFG scale 0: the prompt is ignored); the tokenizer's reconstructions of real images (the ceiling the codes allow) |
 | CFG sweep | generated-image accuracy per CFG scale, plotted | the 10 class prompts | |
 
 The blank image is a uniform grey (0.5) image through the same tokenizer: the MLLM then sees valid codes that
@@ -82,6 +82,7 @@ def blank_codes(mllm, tok, n: int) -> Tensor:
 @torch.no_grad()
 def _generate_text(mllm, codes: Tensor, question: str | None, batch_size: int, max_new_tokens: int) -> list[str]:
     device = next(mllm.parameters()).device
+    max_new_tokens = min(max_new_tokens, mllm.config.max_text_len + 1)  # the longest trained answer + [eos]
     out: list[str] = []
     for i in range(0, len(codes), batch_size):
         out += mllm.generate_text(codes[i:i + batch_size].to(device), question=question, max_new_tokens=max_new_tokens,
@@ -178,18 +179,19 @@ def t2i_eval(mllm, tok, class_names: list[str], per_class: int = 4, cfg_scale: f
              top_k: int = 0, top_p: float = 1.0) -> dict:
     """Text-to-image on the class prompts (``per_class`` samples each): generated-image accuracy by the cached
     Fashion-MNIST classifier and, with ``kid_real_n > 0``, KID against that many real fashion_mnist/val images.
-    ``prompt_dropped``: every prompt replaced by the empty one (the unconditional baseline). Returns
+    ``prompt_dropped``: samples of the unconditional prompt ``[bos] [boi]`` (CFG scale 0), scored against the class
+    they would have been asked for (the prompt-free baseline: chance level if the model follows prompts). Returns
     ``{"accuracy", "kid"?: MetricResult, "images": [N, C, H, W] in [0, 1], "labels": [N]}``."""
     from fastvq.eval.classifier import generated_image_accuracy
     prompts, labels = _class_prompts(class_names, per_class)
-    if prompt_dropped:
-        prompts = [""] * len(prompts)
-    images = generate_images(mllm, tok, prompts, cfg_scale=1.0 if prompt_dropped else cfg_scale, seed=seed,
+    # unconditional: CFG scale 0 samples from the unconditional half alone (uncond + 0 · (cond - uncond))
+    images = generate_images(mllm, tok, prompts, cfg_scale=0.0 if prompt_dropped else cfg_scale, seed=seed,
                              temperature=temperature, top_k=top_k, top_p=top_p)
     split = "fashion_mnist class prompts"
     acc = generated_image_accuracy(images, labels, classifier, split=split)
-    acc.settings.update(cfg_scale=cfg_scale, seed=seed, per_class=per_class, temperature=temperature, top_k=top_k,
-                        top_p=top_p, prompt="unconditional (empty)" if prompt_dropped else "class_prompt(name)")
+    acc.settings.update(cfg_scale=0.0 if prompt_dropped else cfg_scale, seed=seed, per_class=per_class,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        prompt="unconditional ([bos] [boi]: CFG scale 0)" if prompt_dropped else "class_prompt(name)")
     out = {"accuracy": acc, "images": images, "labels": labels}
     if kid_real_n > 0:
         out["kid"] = _kid(images, kid_real_n, split, dict(acc.settings))

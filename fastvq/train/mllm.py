@@ -564,14 +564,18 @@ class MLLMTrainer(Trainer):
                           float(getattr(self.model.config, "cfg_dropout", 0.0)))
 
     def _shard(self) -> None:
-        """FSDP2: every decoder block its own unit (its parameters all-gathered for its forward and backward, its
-        gradients reduce-scattered after), the rest (embeddings, adapter, heads, the depth head) in the root unit."""
+        """FSDP2: the attention and the SwiGLU of every decoder block (of the LLM and of the depth head) each its own
+        unit (parameters all-gathered for its forward and backward, gradients reduce-scattered after), the rest
+        (embeddings, norms, adapter, heads) in the root unit. The units are the modules that are *called*:
+        ``llm.Decoder.forward`` calls ``blk.attention`` and ``blk.feed_forward`` directly, never ``Block.__call__``,
+        so a ``Block`` unit would never be gathered."""
         from torch.distributed.fsdp import fully_shard
 
         from fastvq.models.llm import Block
         for m in list(self.model.modules()):
             if isinstance(m, Block):
-                fully_shard(m)
+                fully_shard(m.attention)
+                fully_shard(m.feed_forward)
         fully_shard(self.model)
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
