@@ -67,8 +67,10 @@ class MLLMTrainConfig:
     directory; its EMA weights when it has them), ``preset`` (an MLLM preset, ``mllm-tiny``), ``model``
     (overrides of the preset's ``MLLMConfig`` fields), ``init_from`` (an MLLM checkpoint whose weights start the
     run; it must have been trained on the same tokenizer and text vocabulary).
-    Data: ``data`` (comma-separated ``fastvq.data`` sets: ``fashion_mnist,emoji,tuxpaint``), ``train_n`` (items
-    of each set's train split, a fixed subset; 0: all), ``text_min_count`` (a WordPiece piece enters the text
+    Data: ``data`` (comma-separated ``fastvq.data`` sets, each optionally ``name:n``:
+    ``fashion_mnist:8192,emoji:1024,tuxpaint``; ``n`` fixed items of its train split, 0: all), ``train_n`` (the
+    ``n`` of a set named without one); every task draws from the union of the sets, so a set's share of the
+    training is its share of the items. ``text_min_count`` (a WordPiece piece enters the text
     vocabulary when it occurs this often in the corpus).
     Tasks: every micro-batch holds ``t2i_weight : caption_weight : qa_weight`` of its items per task
     (:func:`task_counts`): text-to-image on the captions, captioning, and question answering (``qa_question`` →
@@ -141,8 +143,24 @@ class MLLMTrainConfig:
         if self.qa_weight > 0 and not self.qa_question.strip():
             raise ValueError(f"{who}: qa_question must not be empty when qa_weight > 0")
 
+    def data_items(self) -> list[tuple[str, int]]:
+        """``[(data set, items of its train split (0: all))]`` from ``data`` and ``train_n``."""
+        out = []
+        for part in (d.strip() for d in self.data.split(",")):
+            if not part:
+                continue
+            name, sep, n = part.partition(":")
+            try:
+                count = int(n) if sep else self.train_n
+            except ValueError:
+                raise ValueError(f"MLLMTrainConfig: data entry {part!r} must be name or name:n (n an int)") from None
+            if count < 0:
+                raise ValueError(f"MLLMTrainConfig: data entry {part!r}: n must be >= 0")
+            out.append((name.strip(), count))
+        return out
+
     def datasets(self) -> list[str]:
-        return [d.strip() for d in self.data.split(",") if d.strip()]
+        return [name for name, _ in self.data_items()]
 
     def task_weights(self) -> dict[str, float]:
         return {"t2i": self.t2i_weight, "caption": self.caption_weight, "qa": self.qa_weight}
@@ -491,8 +509,8 @@ class MLLMTrainer(Trainer):
         # codes of every training set (rank 0 encodes and caches first; the others then read the cache)
         if self.world > 1 and self.rank != 0:
             dist.barrier()
-        self.train_sets = {name: encode_split(self.tokenizer, self.codec, name, "train", cfg.train_n,
-                                              fingerprint=self.tokenizer_fingerprint) for name in cfg.datasets()}
+        self.train_sets = {name: encode_split(self.tokenizer, self.codec, name, "train", n,
+                                              fingerprint=self.tokenizer_fingerprint) for name, n in cfg.data_items()}
         if self.world > 1 and self.rank == 0:
             dist.barrier()
         corpus = [c for s in self.train_sets.values() for c in s["captions"]]
