@@ -46,7 +46,7 @@ EVAL_N = 128
 # Tux Paint for captions; evaluated with MLLM_EVAL (KID on the trained and untrained models' own samples only: the
 # TF-Inception forward costs ~0.5-1 s an image on 2 loaded cores).
 MLLM_TOKENIZER = "unitok-tiny"
-DEFAULT_MLLM_STEPS = 600
+DEFAULT_MLLM_STEPS = 800
 MLLM_DATA = "fashion_mnist:8192,emoji:1024,tuxpaint"
 MLLM_EVAL = dict(caption_n=64, qa_n=200, per_class=3, kid_real_n=30, cfg_scale=3.0, cfg_scales=(1.0, 1.5, 3.0, 5.0),
                  baseline_kid=False)
