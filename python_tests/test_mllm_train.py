@@ -212,58 +212,58 @@ def test_resume_refuses_another_configuration(tmp_path, tokenizer_dir):
 
 # ---- DDP and FSDP on 2 gloo ranks ----------------------------------------------------------------------------------
 
-def _distributed(tmp_path, tokenizer_dir, **kw):
-    kw = dict(batch_size=16, **kw)  # 8 items a micro-batch: 4 / 2 / 2 per task, halved on each rank
-    cfg = micro_config(tokenizer_dir, tmp_path / "dist", ckpt_every=2, **kw)
+def test_ddp_and_fsdp_on_two_ranks_match_one_process(tmp_path, tokenizer_dir):
+    """2 gloo ranks (one torchrun) train the same run twice, with DDP and with FSDP2 (fully_shard of every block's
+    attention and SwiGLU and the model), against one process with the same global batch: gradient accumulation
+    2, EMA, all three tasks, so captions and answers of different lengths on the two ranks (the step's token mean
+    must be the global one). Each time: the loss curve of one process to a relative 1e-5, both ranks'
+    weights bit-identical and equal to the one process's to 1e-4, rank 0 alone wrote the log and the
+    checkpoints, and the checkpoint holds the full (gathered) weights, EMA and AdamW state. And an FSDP run
+    resumed from its step-2 checkpoint is bit-identical to the uninterrupted one."""
+    kw = dict(batch_size=16)  # 8 items a micro-batch: 4 / 2 / 2 per task, halved on each rank
+    cfgs = {m: micro_config(tokenizer_dir, tmp_path / m, fsdp=m == "fsdp", **kw).to_dict() for m in ("ddp", "fsdp")}
     script = f"""
     import torch
     torch.set_num_threads(1)
     from fastvq.train.mllm import MLLMTrainConfig, MLLMTrainer
-    t = MLLMTrainer(MLLMTrainConfig.from_dict({cfg.to_dict()!r}), progress=False)
-    t.train()
-    save_rank({{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in t.model.state_dict().items()}})
+    out = {{}}
+    for mode, cfg in {cfgs!r}.items():
+        t = MLLMTrainer(MLLMTrainConfig.from_dict(cfg), progress=False)
+        t.train()
+        out.update({{mode + ":" + k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                     for k, v in t.model.state_dict().items()}})
+    # FSDP resume: 2 steps, then resumed to 4 from the gathered checkpoint
+    cfg = dict({cfgs["fsdp"]!r}, out={str(tmp_path / "fsdp-resumed")!r})
+    MLLMTrainer(MLLMTrainConfig.from_dict(dict(cfg, steps=2)), progress=False).train()
+    MLLMTrainer(MLLMTrainConfig.from_dict(cfg), resume="auto", progress=False).train()
+    save_rank(out)
     """
     ranks = run_ddp(script, tmp_path, nproc=2)
-    one = MLLMTrainer(micro_config(tokenizer_dir, tmp_path / "one", ckpt_every=2, **kw), progress=False)
+    one = MLLMTrainer(micro_config(tokenizer_dir, tmp_path / "one", **kw), progress=False)
     one.train()
-    return ranks, one
-
-
-def _check_against_one_process(tmp_path, ranks, one):
-    assert ranks[0].keys() == ranks[1].keys()
+    mine = one.model.state_dict()
+    assert ranks[0].keys() == ranks[1].keys() == {f"{m}:{k}" for m in ("ddp", "fsdp") for k in mine}
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
-    a, b = losses(tmp_path / "dist"), losses(tmp_path / "one")
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
-    for (_, x), (_, y) in zip(a, b):
-        assert x == pytest.approx(y, rel=LOSS_RTOL)
-    mine = one.model.state_dict()
-    for k, v in ranks[0].items():
-        torch.testing.assert_close(v, mine[k], rtol=1e-4, atol=1e-5)
-    # rank 0 alone wrote the log and the checkpoints, with both ranks' RNG states; the checkpoint loads unsharded
-    state_json = json.loads((tmp_path / "dist/checkpoints/step-000004/state.json").read_text())
-    assert state_json["world_size"] == 2 and len(state_json["rng"]) == 2
-    mllm, _ = load_mllm(tmp_path / "dist", ema=False)
-    for k, v in mllm.state_dict().items():
-        assert torch.equal(v, ranks[0][k]), k
-
-
-def test_ddp_two_ranks_match_one_process(tmp_path, tokenizer_dir):
-    """2 gloo ranks with DDP against one process, same global batch, gradient accumulation 2, all three tasks (so
-    captions and answers of different lengths on the two ranks: the step's token mean must be the global one)."""
-    ranks, one = _distributed(tmp_path, tokenizer_dir)
-    _check_against_one_process(tmp_path, ranks, one)
-
-
-def test_fsdp_two_ranks_match_one_process(tmp_path, tokenizer_dir):
-    """fsdp=true: FSDP2 fully_shard of every decoder block and the model on 2 gloo CPU ranks; the same loss curve
-    and weights as one process, the full (gathered) weights, EMA and AdamW state in the checkpoint."""
-    ranks, one = _distributed(tmp_path, tokenizer_dir, fsdp=True)
-    _check_against_one_process(tmp_path, ranks, one)
-    a = load_file(str(tmp_path / "dist/checkpoints/step-000004/optim.safetensors"))
-    assert any(k.endswith(".exp_avg_sq") for k in a)
-    ema = load_file(str(tmp_path / "dist/checkpoints/step-000004/ema.safetensors"))
-    assert ema.keys() == ranks[0].keys()
+    for mode in ("ddp", "fsdp"):
+        a, b = losses(tmp_path / mode), losses(tmp_path / "one")
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+        for (_, x), (_, y) in zip(a, b):
+            assert x == pytest.approx(y, rel=LOSS_RTOL), mode
+        for k, v in mine.items():
+            torch.testing.assert_close(ranks[0][f"{mode}:{k}"], v, rtol=1e-4, atol=1e-5)
+        ckpt = tmp_path / mode / "checkpoints/step-000004"
+        state_json = json.loads((ckpt / "state.json").read_text())
+        assert state_json["world_size"] == 2 and len(state_json["rng"]) == 2 and state_json["fsdp"] == (mode == "fsdp")
+        mllm, _ = load_mllm(tmp_path / mode, ema=False)  # the full weights, loadable without a process group
+        for k, v in mllm.state_dict().items():
+            assert torch.equal(v, ranks[0][f"{mode}:{k}"]), (mode, k)
+        assert load_file(str(ckpt / "ema.safetensors")).keys() == mine.keys()
+        assert any(k.endswith(".exp_avg_sq") for k in load_file(str(ckpt / "optim.safetensors")))
+    # an FSDP run resumed from its step-2 checkpoint ends bit-identical to the uninterrupted FSDP run
+    assert_bit_identical(state(tmp_path / "fsdp-resumed/checkpoints/step-000004"),
+                         state(tmp_path / "fsdp/checkpoints/step-000004"))
+    assert losses(tmp_path / "fsdp-resumed") == losses(tmp_path / "fsdp")
 
 
 # ---- generate, caption and their errors ----------------------------------------------------------------------------

@@ -399,7 +399,8 @@ def evaluate_mllm(mllm, tok, out_dir: Path | None = None, tag: str = "mllm", cap
                             baseline_kid=baseline_kid,
                             text="greedy", image_sampling="temperature 1, no top-k / top-p",
                             blank_image="uniform 0.5 grey through the tokenizer",
-                            most_frequent="the most frequent caption / class of the set's train split")
+                            most_frequent="the most frequent caption / class of the training items given "
+                                          "(default: the set's train split)")
     flat["details"] = details
     if out_dir is not None:
         out_dir = Path(out_dir)

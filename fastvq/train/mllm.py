@@ -513,9 +513,13 @@ class MLLMTrainer(Trainer):
                                               fingerprint=self.tokenizer_fingerprint) for name, n in cfg.data_items()}
         if self.world > 1 and self.rank == 0:
             dist.barrier()
-        corpus = [c for s in self.train_sets.values() for c in s["captions"]]
-        corpus += [n for s in self.train_sets.values() for n in s["class_names"]] + [cfg.qa_question]
-        self.text_tokenizer = build_text_tokenizer(corpus, cfg.text_min_count)
+        if resume_dir is not None:  # the vocabulary the weights were trained with
+            from fastvq.models.text import TextTokenizer
+            self.text_tokenizer = TextTokenizer.load(resume_dir)
+        else:
+            corpus = [c for s in self.train_sets.values() for c in s["captions"]]
+            corpus += [n for s in self.train_sets.values() for n in s["class_names"]] + [cfg.qa_question]
+            self.text_tokenizer = build_text_tokenizer(corpus, cfg.text_min_count)
 
         torch.manual_seed(cfg.seed)  # the same initialisation on every rank
         np.random.seed(cfg.seed)
