@@ -444,7 +444,7 @@ class DepthHead(nn.Module):
         """``h [N, dim]``, teacher codes ``[N, G]`` -> the depth sequence ``[N, G, dim]``."""
         e = self.embed(codes[:, :-1] + self.offsets[:-1])                 # [N, G-1, dim]
         if self.decoder is None:
-            return h[:, None] + torch.cat((torch.zeros_like(e[:, :1]), e), 1).cumsum(1)
+            return h[:, None] + torch.cat((e.new_zeros(e.shape[0], 1, e.shape[2]), e), 1).cumsum(1)
         return torch.cat((h[:, None], e), dim=1)
 
     def run(self, x: Tensor) -> Tensor:
@@ -461,11 +461,6 @@ class DepthHead(nn.Module):
             logits = self.head(out)
             return list(logits.unbind(1))
         return [self.heads[g](out[:, g]) for g in range(len(self.group_sizes))]
-
-    def next_input(self, x: Tensor, g: int, code: Tensor) -> Tensor:
-        """Depth input ``g + 1`` from sub-code ``g`` (``code [N]``), given the inputs so far ``x [N, g+1, dim]``."""
-        e = self.embed(code + self.offsets[g])
-        return x[:, -1] + e if self.decoder is None else e
 
 
 class MLLM(nn.Module):
@@ -732,15 +727,25 @@ class MLLM(nn.Module):
         out = self.decoder(h, positions, cache=kv, keep=keep)
         return kv, out[torch.arange(B, device=dev), lengths - 1], lengths.clone()
 
-    def _sample_position(self, h: Tensor, B: int, cfg_scale: float | None, sampling: dict) -> Tensor:
+    def _sample_position(self, h: Tensor, B: int, cfg_scale: float | None, sampling: dict, depth_cache=None) -> Tensor:
         """Sub-codes ``[B, G]`` of one image position from the LLM hidden states ``h [B or 2B, dim]`` (CFG combined at
-        every depth step when the batch is doubled)."""
+        every depth step when the batch is doubled). ``depth_cache``: a KV cache of the depth decoder (reset here),
+        so that depth step g runs one ``Decoder.step`` instead of a forward over the g + 1 inputs so far."""
         depth = self.depth
-        x = h[:, None]                                                   # [N, 1, dim]
-        out_codes = []
         G = len(depth.group_sizes)
+        x, out_codes = h, []                                             # x: the depth input of step g, [N, dim]
+        if depth_cache is not None:
+            depth_cache.reset()
+            pos = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+        else:
+            seq = h[:, None]
         for g in range(G):
-            y = depth.run(x)[:, -1]
+            if depth.decoder is None:
+                y = x
+            elif depth_cache is not None:
+                y = depth.decoder.step(x, pos + g, depth_cache)
+            else:
+                y = depth.decoder(seq, torch.arange(g + 1, device=h.device).expand(h.shape[0], -1))[:, -1]
             logits = depth.head_of(g)(y).float()
             if cfg_scale is not None:
                 c, u = logits[:B], logits[B:]
@@ -749,7 +754,10 @@ class MLLM(nn.Module):
             out_codes.append(code)
             if g + 1 < G:
                 full = code if cfg_scale is None else torch.cat((code, code))
-                x = torch.cat((x, depth.next_input(x, g, full)[:, None]), dim=1)
+                e = depth.embed(full + depth.offsets[g])
+                x = x + e if depth.decoder is None else e
+                if depth_cache is None and depth.decoder is not None:
+                    seq = torch.cat((seq, x[:, None]), dim=1)
         return torch.stack(out_codes, dim=-1)
 
     @torch.inference_mode()
@@ -782,9 +790,13 @@ class MLLM(nn.Module):
         kv, h, pos = self._prefill(seqs, L, cache)
         state = self.adapter.new_state(B, L, h.dtype, h.device)          # the halves share their codes
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        dcache = None
+        if self.depth.decoder is not None:
+            dcache = new_cache(self.depth.decoder.config, len(seqs), self.codec.num_groups, cache, dtype=h.dtype,
+                               device=h.device)
         codes = torch.empty(B, L, self.codec.num_groups, dtype=torch.long, device=h.device)
         for i in range(L):
-            code = self._sample_position(h, B, cfg_scale if use_cfg else None, sampling)
+            code = self._sample_position(h, B, cfg_scale if use_cfg else None, sampling, dcache)
             codes[:, i] = code
             if i + 1 == L:
                 break
