@@ -10,6 +10,7 @@
                     [--top-k 0] [--top-p 1]
     fastvq caption CKPT image.png [--question "what is this?"]
     fastvq eval mllm CKPT [--json PATH] [--caption-n 64] [--qa-n 200] [--per-class 4] [--kid-n 200]
+                     [--no-untrained] [--no-baselines]
     fastvq pipeline [--out runs/main] [--steps N] [--presets a,b,c] [--fid-n N] [--mllm-steps N]  (the main job)
     fastvq presets
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cfg", type=float, default=3.0, help="mllm: CFG scale of text-to-image")
     ev.add_argument("--cfg-scales", default="1,1.5,3,5", help="mllm: the CFG sweep ('' : none)")
     ev.add_argument("--no-baselines", action="store_true", help="mllm: skip the image-free baselines")
+    ev.add_argument("--no-untrained", action="store_true", help="mllm: skip the untrained model (same config and "
+                                                                "text vocabulary, seed 0)")
     ev.add_argument("--data", default="fashion_mnist")
     ev.add_argument("--n", type=int, default=64, help="validation images for PSNR, SSIM, usage, zero-shot")
     ev.add_argument("--fid-n", type=int, default=0, help="images for rFID/KID (0: skip; TF-Inception, ~0.5 s each "
@@ -152,7 +155,7 @@ def _generate(args) -> int:
     from fastvq.train.mllm import load_mllm
     if not args.prompt.strip():
         raise ValueError("fastvq generate: the prompt is empty; give a description, e.g. \"a photo of a sneaker.\" "
-                         "(unconditional samples: --cfg 1 with a prompt is the closest)")
+                         "(unconditional samples: any prompt with --cfg 0)")
     if args.num < 1:
         raise ValueError(f"fastvq generate: --num must be >= 1, got {args.num}")
     mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
@@ -209,20 +212,31 @@ def _caption(args) -> int:
 
 def _eval_mllm(args) -> int:
     from fastvq.eval.mllm import evaluate_mllm
-    from fastvq.train.mllm import load_mllm
+    from fastvq.train.mllm import load_mllm, untrained_like
     mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
     scales = tuple(float(s) for s in args.cfg_scales.split(",") if s.strip())
-    out_dir = (args.json.parent if args.json else Path(args.checkpoint))
-    m = evaluate_mllm(mllm, tok, out_dir, "eval-mllm", caption_n=args.caption_n, qa_n=args.qa_n,
-                      per_class=args.per_class, kid_real_n=args.kid_n, cfg_scale=args.cfg, cfg_scales=scales,
-                      baselines=not args.no_baselines)
-    m["checkpoint"] = str(args.checkpoint)
-    _print_table(m)
-    for row in m.get("cfg_sweep", []):
-        print(f"cfg {row['cfg_scale']:<4}  generated-image accuracy {row['accuracy']:.4f} (n={row['n']})")
+    out_dir = args.json.parent if args.json else Path(args.checkpoint)
+    models = [("trained", mllm)] + ([] if args.no_untrained else [("untrained", untrained_like(mllm, 0))])
+    results = {}
+    for tag, model in models:
+        print(f"fastvq eval mllm: evaluating the {tag} model", file=sys.stderr)
+        results[tag] = evaluate_mllm(model, tok, out_dir, f"eval-mllm-{tag}", caption_n=args.caption_n,
+                                     qa_n=args.qa_n, per_class=args.per_class, kid_real_n=args.kid_n,
+                                     cfg_scale=args.cfg, cfg_scales=scales,
+                                     baselines=not args.no_baselines and tag == "trained")
+    rows = [k for k, v in results["trained"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    width = max(len(k) for k in rows)
+    print(f"{'metric':<{width}}  " + "  ".join(f"{t:>9}" for t in results))
+    for k in rows:
+        cells = [results[t].get(k) for t in results]
+        print(f"{k:<{width}}  " + "  ".join(" " * 9 if v is None else f"{v:9.4f}" for v in cells))
+    for tag, r in results.items():
+        for row in r.get("cfg_sweep", []):
+            print(f"{tag}: cfg {row['cfg_scale']:<4} generated-image accuracy {row['accuracy']:.4f} (n={row['n']})")
     path = args.json or out_dir / "eval-mllm.json"
-    path.write_text(json.dumps(m, indent=1, default=float) + "\n")
-    print(f"wrote {path} (+ eval-mllm-t2i.png, eval-mllm-cfg.png beside it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"checkpoint": str(args.checkpoint), **results}, indent=1, default=float) + "\n")
+    print(f"wrote {path} (+ eval-mllm-<model>-t2i.png, -cfg.png beside it)")
     return 0
 
 

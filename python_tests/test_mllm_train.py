@@ -402,3 +402,19 @@ def test_qa_accuracy_counts_exact_answers():
     codes = torch.tensor([[[0], [1]], [[1], [1]], [[2], [0]], [[0], [0]]])  # the last one answers "bag" for class 0
     r = qa_eval(Stub(), codes, labels, names, "what is this?", "test")
     assert r["accuracy"].value == 0.75 and r["predictions"][0] == "t - shirt / top"
+
+
+def test_eval_mllm_command(tmp_path, trained_run, capsys, monkeypatch):
+    """`fastvq eval mllm`: a table with the trained and untrained columns and the baselines, and the JSON of both
+    (the classifier replaced by a random one: the cached one would be trained on first use)."""
+    import fastvq.eval.classifier as classifier
+    monkeypatch.setattr(classifier, "fashion_mnist_classifier", _random_classifier)
+    out = tmp_path / "e" / "eval.json"
+    assert cli(["eval", "mllm", str(trained_run), "--kid-n", "0", "--per-class", "1", "--caption-n", "4",
+                "--qa-n", "6", "--cfg-scales", "1,3", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "metric" in table and "trained  untrained" in table and "qa_accuracy_majority" in table
+    assert "trained: cfg 3.0" in table and "untrained: cfg 1.0" in table
+    got = json.loads(out.read_text())
+    assert got["trained"]["details"]["qa"]["n"] == 6 and "qa_accuracy_majority" not in got["untrained"]
+    assert (tmp_path / "e/eval-mllm-trained-t2i.png").is_file() and (tmp_path / "e/eval-mllm-untrained-cfg.png").is_file()
