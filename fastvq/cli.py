@@ -135,6 +135,9 @@ def _train_mllm(args) -> int:
     from fastvq.models.mllm import MLLMConfig, list_mllm_presets
     from fastvq.train import apply_overrides
     from fastvq.train.mllm import MLLMTrainConfig, MLLMTrainer
+    if args.compile:
+        raise ValueError("fastvq train mllm: --compile is not supported for the MLLM trainer (its sequences have "
+                         "ragged lengths every step)")
     preset = args.preset or "mllm-tiny"
     if preset not in list_mllm_presets():
         raise ValueError(f"fastvq train mllm: unknown MLLM preset {preset!r}; known: {list_mllm_presets()}")
@@ -169,7 +172,7 @@ def _generate(args) -> int:
     return 0
 
 
-def load_image(path: Path, size: int, channels: int, who: str):
+def _load_image(path: Path, size: int, channels: int, who: str):
     """The image file ``path`` as ``[1, channels, size, size]`` in [-1, 1] (bicubic resize; alpha composited on
     white); a clear error when it is missing or not an image."""
     import numpy as np
@@ -200,7 +203,7 @@ def _caption(args) -> int:
     if args.question is not None and not args.question.strip():
         raise ValueError("fastvq caption: --question is empty; leave it out for a caption")
     mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
-    x = load_image(args.image, tok.config.image_size, tok.config.in_channels, "fastvq caption")
+    x = _load_image(args.image, tok.config.image_size, tok.config.in_channels, "fastvq caption")
     with torch.no_grad():
         codes = _codec(mllm).encode(tok, x)
         text = mllm.generate_text(codes, question=args.question,
