@@ -216,6 +216,25 @@ def test_bf16_and_resume_in_process_is_bit_identical(tmp_path, tokenizer_dir):
     assert curve == losses(tmp_path / "b") and all(np.isfinite(v) for _, v in curve)
 
 
+@pytest.mark.parametrize("preset", ["mergevq-tiny", "uniwetok-tiny"])
+def test_binary_code_tokenizers_train_and_generate(tmp_path, preset):
+    """The trainer is tokenizer-agnostic: MergeVQ's factorised LFQ codes (6 + 12 bits over the full 8 x 8 grid)
+    and UniWeTok's 16 groups of 8 bits ("bits" adapter and group heads) train a step, checkpoint, load and
+    generate an image of the tokenizer's size."""
+    from fastvq.eval.mllm import generate_images
+    from fastvq.models import from_preset
+    torch.manual_seed(0)
+    from_preset(preset).save_pretrained(tmp_path / "tok")
+    t = MLLMTrainer(micro_config(tmp_path / "tok", tmp_path / "run", steps=1, train_n=32, grad_accum=1,
+                                 ckpt_every=0, eval_n=2), progress=False)
+    t.train()
+    assert t.codec.kind == "bits" and t.model.config.adapter == "bits"
+    mllm, tok = load_mllm(tmp_path / "run")
+    x = generate_images(mllm, tok, ["A photo of a bag."], 3.0, 0)
+    size = tok.config.image_size
+    assert x.shape == (1, 3, size, size) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
 def test_resume_refuses_another_configuration(tmp_path, tokenizer_dir):
     from fastvq.train import TrainingError
     MLLMTrainer(micro_config(tokenizer_dir, tmp_path / "run", steps=2, ckpt_every=0), progress=False).train()
