@@ -152,8 +152,6 @@ def _train_mllm(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
-
     from fastvq.eval.mllm import generate_images, images_grid_png
     from fastvq.train.mllm import load_mllm
     if not args.prompt.strip():
@@ -162,7 +160,6 @@ def _generate(args) -> int:
     if args.num < 1:
         raise ValueError(f"fastvq generate: --num must be >= 1, got {args.num}")
     mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
-    torch.set_grad_enabled(False)
     images = generate_images(mllm, tok, [args.prompt] * args.num, cfg_scale=args.cfg, seed=args.seed,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    assert torch.is_grad_enabled(), "a command left autograd disabled in the process"
 
 
 def make_tokenizer(path: Path, seed: int = 0, **overrides) -> Path:
