@@ -4,7 +4,14 @@
                            [--resume [CKPT]] [--compile]
     fastvq eval tokenizer CKPT [--data fashion_mnist] [--n 64] [--fid-n 0] [--json PATH] [--no-ema]
     fastvq reconstruct CKPT in.png out.png [--no-ema]
-    fastvq pipeline [--out runs/main] [--steps N] [--presets a,b,c] [--fid-n N]     (the main job)
+    fastvq train mllm --tokenizer CKPT [--data fashion_mnist,emoji] [--set key=value ...] [--out runs/mllm]
+                      [--resume [CKPT]]
+    fastvq generate CKPT "a red heart" [--out heart.png] [--cfg 3] [--seed 0] [--num 4] [--temperature 1]
+                    [--top-k 0] [--top-p 1]
+    fastvq caption CKPT image.png [--question "what is this?"]
+    fastvq eval mllm CKPT [--json PATH] [--caption-n 64] [--qa-n 200] [--per-class 4] [--kid-n 200]
+                     [--no-untrained] [--no-baselines]
+    fastvq pipeline [--out runs/main] [--steps N] [--presets a,b,c] [--fid-n N] [--mllm-steps N]  (the main job)
     fastvq presets
 
 Under ``torchrun --nproc_per_node N -m fastvq train ...`` training runs DDP. The kernel benchmark is its own
@@ -28,11 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model")
-    train.add_argument("what", choices=["tokenizer"], help="what to train")
-    train.add_argument("--preset", required=True, help="a registered preset (fastvq presets)")
-    train.add_argument("--data", default=None, help="a fastvq.data set (default fashion_mnist)")
+    train.add_argument("what", choices=["tokenizer", "mllm"], help="what to train")
+    train.add_argument("--preset", default=None, help="a registered preset (fastvq presets; required for a "
+                                                      "tokenizer; an MLLM preset for mllm, default mllm-tiny)")
+    train.add_argument("--tokenizer", default=None, metavar="CKPT",
+                       help="mllm: the frozen visual tokenizer (a run, checkpoint or save_pretrained directory)")
+    train.add_argument("--data", default=None, help="a fastvq.data set (default fashion_mnist); mllm: "
+                                                    "comma-separated sets, e.g. fashion_mnist,emoji,tuxpaint")
     train.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                       help="a TrainConfig field, or model.<field> of the preset's config (repeatable)")
+                       help="a TrainConfig (MLLMTrainConfig) field, or model.<field> of the preset's config "
+                            "(repeatable)")
     train.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                        help="resume everything from CKPT (a run, checkpoints/ or step-* directory); without a value: "
@@ -40,8 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     ev = sub.add_parser("eval", help="evaluate a model")
-    ev.add_argument("what", choices=["tokenizer"])
+    ev.add_argument("what", choices=["tokenizer", "mllm"])
     ev.add_argument("checkpoint", help="a run, checkpoints/, step-* or save_pretrained directory")
+    ev.add_argument("--caption-n", type=int, default=64, help="mllm: val images per caption set")
+    ev.add_argument("--qa-n", type=int, default=200, help="mllm: fashion_mnist/val images for QA accuracy")
+    ev.add_argument("--per-class", type=int, default=4, help="mllm: generated images per class prompt")
+    ev.add_argument("--kid-n", type=int, default=200, help="mllm: real images for KID (0: no KID)")
+    ev.add_argument("--cfg", type=float, default=3.0, help="mllm: CFG scale of text-to-image")
+    ev.add_argument("--cfg-scales", default="1,1.5,3,5", help="mllm: the CFG sweep ('' : none)")
+    ev.add_argument("--no-baselines", action="store_true", help="mllm: skip the image-free baselines")
+    ev.add_argument("--no-untrained", action="store_true", help="mllm: skip the untrained model (same config and "
+                                                                "text vocabulary, seed 0)")
     ev.add_argument("--data", default="fashion_mnist")
     ev.add_argument("--n", type=int, default=64, help="validation images for PSNR, SSIM, usage, zero-shot")
     ev.add_argument("--fid-n", type=int, default=0, help="images for rFID/KID (0: skip; TF-Inception, ~0.5 s each "
@@ -56,12 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("output", type=Path)
     rc.add_argument("--no-ema", action="store_true")
 
+    gen = sub.add_parser("generate", help="generate images from a prompt with a trained MLLM")
+    gen.add_argument("checkpoint", help="an MLLM run, checkpoints/, step-* or save_pretrained directory")
+    gen.add_argument("prompt")
+    gen.add_argument("--out", type=Path, default=Path("generated.png"), help="PNG (a grid when --num > 1)")
+    gen.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num", type=int, default=1, help="images to generate")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    gen.add_argument("--no-ema", action="store_true", help="use the training weights, not the EMA")
+
+    cap = sub.add_parser("caption", help="caption an image (or answer a question about it) with a trained MLLM")
+    cap.add_argument("checkpoint")
+    cap.add_argument("image", type=Path)
+    cap.add_argument("--question", default=None, help="e.g. 'what is this?' (default: a caption)")
+    cap.add_argument("--max-new-tokens", type=int, default=None,
+                     help="default: the longest answer the model was trained on (max_text_len + [eos])")
+    cap.add_argument("--no-ema", action="store_true")
+
     pipe = sub.add_parser("pipeline", help="the main job: train, evaluate, report (docs/training.md)")
     pipe.add_argument("--out", default="runs/main")
     pipe.add_argument("--steps", type=int, default=None, help="optimizer steps per model")
     pipe.add_argument("--presets", default=None, help="comma-separated presets to train")
     pipe.add_argument("--fid-n", type=int, default=None, help="images for rFID/KID")
     pipe.add_argument("--no-bench", action="store_true", help="skip python -m fastvq.bench --quick")
+    pipe.add_argument("--mllm-steps", type=int, default=None, help="MLLM optimizer steps (0: no MLLM stage)")
 
     sub.add_parser("presets", help="list the registered presets")
     return parser
@@ -72,6 +114,12 @@ def _train(args) -> int:
 
     import fastvq.models as models
     from fastvq.train import TrainConfig, Trainer, apply_overrides
+    if args.what == "mllm":
+        return _train_mllm(args)
+    if args.tokenizer is not None:
+        raise ValueError("--tokenizer is for `fastvq train mllm`; a tokenizer is trained with --preset")
+    if args.preset is None:
+        raise ValueError("fastvq train tokenizer: --preset is required (fastvq presets lists them)")
     if args.preset not in models.list_presets():
         raise ValueError(f"unknown preset {args.preset!r}; known: {models.list_presets()}")
     with torch.device("meta"):  # the preset's config types the model.<field> overrides; no memory
@@ -83,6 +131,115 @@ def _train(args) -> int:
     return 0
 
 
+def _train_mllm(args) -> int:
+    from fastvq.models.mllm import MLLMConfig, list_mllm_presets
+    from fastvq.train import apply_overrides
+    from fastvq.train.mllm import MLLMTrainConfig, MLLMTrainer
+    if args.compile:
+        raise ValueError("fastvq train mllm: --compile is not supported for the MLLM trainer (its sequences have "
+                         "ragged lengths every step)")
+    preset = args.preset or "mllm-tiny"
+    if preset not in list_mllm_presets():
+        raise ValueError(f"fastvq train mllm: unknown MLLM preset {preset!r}; known: {list_mllm_presets()}")
+    if not args.tokenizer:
+        raise ValueError("fastvq train mllm: --tokenizer CKPT is required (the frozen visual tokenizer: a run, "
+                         "checkpoint or save_pretrained directory, e.g. runs/main/unitok-tiny)")
+    cfg = MLLMTrainConfig(tokenizer=args.tokenizer, preset=preset, out=args.out or f"runs/{preset}")
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=args.data)
+    MLLMTrainer(apply_overrides(cfg, args.assignments, MLLMConfig), resume=args.resume).train()
+    return 0
+
+
+def _generate(args) -> int:
+    from fastvq.eval.mllm import generate_images, images_grid_png
+    from fastvq.train.mllm import load_mllm
+    if not args.prompt.strip():
+        raise ValueError("fastvq generate: the prompt is empty; give a description, e.g. \"a photo of a sneaker.\" "
+                         "(unconditional samples: any prompt with --cfg 0)")
+    if args.num < 1:
+        raise ValueError(f"fastvq generate: --num must be >= 1, got {args.num}")
+    mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
+    images = generate_images(mllm, tok, [args.prompt] * args.num, cfg_scale=args.cfg, seed=args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    images_grid_png(images, args.out, ncol=min(args.num, 8), scale=1 if args.num > 1 else 2)
+    print(f"{args.prompt!r} -> {args.num} image(s) of {tok.config.image_size}x{tok.config.image_size} "
+          f"(cfg {args.cfg}, seed {args.seed}) -> {args.out}")
+    return 0
+
+
+def _load_image(path: Path, size: int, channels: int, who: str):
+    """The image file ``path`` as ``[1, channels, size, size]`` in [-1, 1] (bicubic resize; alpha composited on
+    white); a clear error when it is missing or not an image."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{who}: image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "P"):
+                img = img.convert("RGBA")
+                bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(bg, img)
+            img = img.convert("RGB" if channels == 3 else "L").resize((size, size), Image.Resampling.BICUBIC)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{who}: cannot read {path} as an image ({type(e).__name__}: {e})") from None
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    return (x.permute(2, 0, 1) if x.dim() == 3 else x[None])[None] * 2 - 1
+
+
+def _caption(args) -> int:
+    import torch
+
+    from fastvq.eval.mllm import _codec
+    from fastvq.train.mllm import load_mllm
+    if args.question is not None and not args.question.strip():
+        raise ValueError("fastvq caption: --question is empty; leave it out for a caption")
+    mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
+    x = _load_image(args.image, tok.config.image_size, tok.config.in_channels, "fastvq caption")
+    with torch.no_grad():
+        codes = _codec(mllm).encode(tok, x)
+        text = mllm.generate_text(codes, question=args.question,
+                                  max_new_tokens=args.max_new_tokens or mllm.config.max_text_len + 1,
+                                  temperature=0.0)[0]
+    print(text)
+    return 0
+
+
+def _eval_mllm(args) -> int:
+    from fastvq.eval.mllm import evaluate_mllm
+    from fastvq.train.mllm import load_mllm, untrained_like
+    mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
+    scales = tuple(float(s) for s in args.cfg_scales.split(",") if s.strip())
+    out_dir = args.json.parent if args.json else Path(args.checkpoint)
+    models = [("trained", mllm)] + ([] if args.no_untrained else [("untrained", untrained_like(mllm, 0))])
+    results = {}
+    for tag, model in models:
+        print(f"fastvq eval mllm: evaluating the {tag} model", file=sys.stderr)
+        results[tag] = evaluate_mllm(model, tok, out_dir, f"eval-mllm-{tag}", caption_n=args.caption_n,
+                                     qa_n=args.qa_n, per_class=args.per_class, kid_real_n=args.kid_n,
+                                     cfg_scale=args.cfg, cfg_scales=scales,
+                                     baselines=not args.no_baselines and tag == "trained")
+    rows = [k for k, v in results["trained"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    width = max(len(k) for k in rows)
+    print(f"{'metric':<{width}}  " + "  ".join(f"{t:>9}" for t in results))
+    for k in rows:
+        cells = [results[t].get(k) for t in results]
+        print(f"{k:<{width}}  " + "  ".join(" " * 9 if v is None else f"{v:9.4f}" for v in cells))
+    for tag, r in results.items():
+        for row in r.get("cfg_sweep", []):
+            print(f"{tag}: cfg {row['cfg_scale']:<4} generated-image accuracy {row['accuracy']:.4f} (n={row['n']})")
+    path = args.json or out_dir / "eval-mllm.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"checkpoint": str(args.checkpoint), **results}, indent=1, default=float) + "\n")
+    print(f"wrote {path} (+ eval-mllm-<model>-t2i.png, -cfg.png beside it)")
+    return 0
+
+
 def _print_table(metrics: dict) -> None:
     rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     width = max(len(k) for k, _ in rows)
@@ -91,6 +248,8 @@ def _print_table(metrics: dict) -> None:
 
 
 def _eval(args) -> int:
+    if args.what == "mllm":
+        return _eval_mllm(args)
     from fastvq.train import load_checkpoint_model
     from fastvq.train.evaluate import evaluate_model
     model = load_checkpoint_model(args.checkpoint, ema=not args.no_ema).eval()
@@ -138,10 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "reconstruct":
             return _reconstruct(args)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "caption":
+            return _caption(args)
         if args.command == "pipeline":
             from fastvq.train.pipeline import run_pipeline
             run_pipeline(args.out, steps=args.steps, presets=args.presets.split(",") if args.presets else None,
-                         fid_n=args.fid_n, bench=not args.no_bench)
+                         fid_n=args.fid_n, bench=not args.no_bench, mllm_steps=args.mllm_steps)
             return 0
         if args.command == "presets":
             import fastvq.models as models

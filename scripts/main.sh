@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The main job: install + build (with the data, eval and train extras), then `fastvq pipeline`: train the tiny
 # UniTok and MergeVQ and the plain VQ baseline on Fashion-MNIST, evaluate them against their untrained selves,
-# and write runs/main/report.md (metrics, reconstructions, loss curves, op speed). docs/training.md.
-#   FASTVQ_STEPS=N   optimizer steps per model (default 150)       extra arguments go to `fastvq pipeline`
+# train the tiny MLLM on the UniTok's codes (text-to-image, captions, QA) and evaluate it against its untrained self
+# and image-free baselines, and write runs/main/report.md (metrics, reconstructions, generated images, captions,
+# loss curves, op speed). docs/training.md.
+#   FASTVQ_STEPS=N        optimizer steps per tokenizer (default 100)   extra arguments go to `fastvq pipeline`
+#   FASTVQ_MLLM_STEPS=N   optimizer steps of the MLLM (default 800; 0: no MLLM stage)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FASTVQ_DATA=1 bash scripts/install.sh
 # one intra-op thread per process: on 2 shared cores the tiny models' small convolutions lose more to
 # OpenMP barriers than they gain (docs/training.md, "Speed")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-"${PYTHON:-python3}" -m fastvq pipeline --out runs/main ${FASTVQ_STEPS:+--steps "$FASTVQ_STEPS"} "$@"
+"${PYTHON:-python3}" -m fastvq pipeline --out runs/main ${FASTVQ_STEPS:+--steps "$FASTVQ_STEPS"} \
+    ${FASTVQ_MLLM_STEPS:+--mllm-steps "$FASTVQ_MLLM_STEPS"} "$@"

@@ -110,10 +110,11 @@ RESUME_MUTABLE = frozenset({"steps", "out", "eval_every", "eval_n", "fid_n", "lo
                             "max_nan_steps", "compile", "compile_backend"})
 
 
-def resume_mismatches(saved: TrainConfig, current: TrainConfig) -> list[str]:
-    """``"field: saved -> current"`` for every field that differs and may not change on resume."""
+def resume_mismatches(saved: Any, current: Any, mutable: frozenset = RESUME_MUTABLE) -> list[str]:
+    """``"field: saved -> current"`` for every field that differs and may not change on resume (any field not in
+    ``mutable``; both configs have ``to_dict``)."""
     a, b = saved.to_dict(), current.to_dict()
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in RESUME_MUTABLE and a[k] != b[k]]
+    return [f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in a if k not in mutable and a[k] != b.get(k)]
 
 
 def parse_value(text: str) -> Any:
@@ -149,12 +150,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ValueError(f"--set {key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def apply_overrides(config: TrainConfig, assignments: list[str], model_config: Any | None = None) -> TrainConfig:
-    """``config`` with each ``key=value`` of ``assignments`` applied. ``key`` is a :class:`TrainConfig` field or
-    ``model.<field>`` of the preset's config (``model_config``, a dataclass instance, gives its types; unknown
-    model fields are reported by the model when it is built)."""
-    hints = typing.get_type_hints(TrainConfig)
-    model_hints = typing.get_type_hints(type(model_config)) if model_config is not None else {}
+def apply_overrides(config: Any, assignments: list[str], model_config: Any | None = None) -> Any:
+    """``config`` with each ``key=value`` of ``assignments`` applied. ``key`` is a field of ``config``'s dataclass
+    (:class:`TrainConfig`, or ``fastvq.train.mllm.MLLMTrainConfig``) or ``model.<field>`` of the preset's config
+    (``model_config``, a dataclass instance or class, gives its types; unknown model fields are reported by the
+    model when it is built)."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    model_cls = model_config if isinstance(model_config, type) else type(model_config)
+    model_hints = typing.get_type_hints(model_cls) if model_config is not None else {}
     values, model = {}, dict(config.model)
     for item in assignments:
         key, sep, text = item.partition("=")
@@ -165,7 +169,7 @@ def apply_overrides(config: TrainConfig, assignments: list[str], model_config: A
         if key.startswith("model."):
             name = key[len("model."):]
             if model_config is not None and name not in model_hints:
-                raise ValueError(f"--set {key}: {type(model_config).__name__} has no field {name!r}; fields: "
+                raise ValueError(f"--set {key}: {model_cls.__name__} has no field {name!r}; fields: "
                                  f"{sorted(model_hints)}")
             value = _coerce(value, model_hints[name], key) if name in model_hints else value
             model[name] = json.loads(json.dumps(value))  # stored as JSON holds it (tuples as lists)
@@ -174,6 +178,6 @@ def apply_overrides(config: TrainConfig, assignments: list[str], model_config: A
         elif key in hints:
             values[key] = _coerce(value, hints[key], key)
         else:
-            raise ValueError(f"--set {key}: TrainConfig has no field {key!r}; fields: {sorted(hints)} "
+            raise ValueError(f"--set {key}: {cls.__name__} has no field {key!r}; fields: {sorted(hints)} "
                              "(model fields: model.<field>)")
     return dataclasses.replace(config, model=model, **values)

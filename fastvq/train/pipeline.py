@@ -1,6 +1,8 @@
 """The main job (``fastvq pipeline``, ``bash scripts/main.sh``): train the tiny unified tokenizers and the plain
-VQ baseline for the same budget on the embedded default data, evaluate them against their untrained selves, and
-write ``<out>/report.md`` (docs/training.md, "The main job").
+VQ baseline for the same budget on the embedded default data, evaluate them against their untrained selves, then
+train the tiny MLLM briefly on the UniTok just trained (:func:`mllm_pipeline_config`) and evaluate it against its
+untrained self and the image-free baselines (``fastvq.eval.mllm``), and write ``<out>/report.md``
+(docs/training.md, "The main job").
 
 Every model gets the same recipe (:func:`pipeline_config`): ``steps`` AdamW steps of 16 Fashion-MNIST images at
 64 px, warm-up + cosine, the weight EMA, the discriminator from half-way, no perceptual term (its
@@ -24,7 +26,8 @@ import torch
 from fastvq.train.config import TrainConfig
 from fastvq.train.evaluate import evaluate_model, loss_curve_png
 
-__all__ = ["PIPELINE_PRESETS", "pipeline_config", "run_pipeline", "measure_speed", "SPEED_PRESETS"]
+__all__ = ["PIPELINE_PRESETS", "pipeline_config", "run_pipeline", "measure_speed", "SPEED_PRESETS",
+           "mllm_pipeline_config", "MLLM_TOKENIZER", "DEFAULT_MLLM_STEPS", "MLLM_EVAL"]
 
 # The tokenizers the main job trains, in report order; a preset that is not registered on this checkout is
 # reported as missing, never substituted.
@@ -39,6 +42,14 @@ DEFAULT_FID_N = 32
 BENCH_SUBSET = ("(test_search_ and unitok) or test_gather or (test_entropy_loss and not reference) "
                 "or (test_segment_sum and unitok)")
 EVAL_N = 128
+# The MLLM stage: mllm-tiny on the codes of the UniTok the job just trained, Fashion-MNIST with a little emoji and
+# Tux Paint for captions; evaluated with MLLM_EVAL (KID on the trained and untrained models' own samples only: the
+# TF-Inception forward costs ~0.5-1 s an image on 2 loaded cores).
+MLLM_TOKENIZER = "unitok-tiny"
+DEFAULT_MLLM_STEPS = 800
+MLLM_DATA = "fashion_mnist:8192,emoji:1024,tuxpaint"
+MLLM_EVAL = dict(caption_n=64, qa_n=200, per_class=3, kid_real_n=30, cfg_scale=3.0, cfg_scales=(1.0, 1.5, 3.0, 5.0),
+                 baseline_kid=False)
 
 
 def pipeline_config(preset: str, out: Path, steps: int) -> TrainConfig:
@@ -46,6 +57,64 @@ def pipeline_config(preset: str, out: Path, steps: int) -> TrainConfig:
     return TrainConfig(preset=preset, model={"perceptual_weight": 0.0}, steps=steps, batch_size=16, lr=1e-3,
                        warmup_steps=max(1, steps // 10), log_every=max(1, steps // 30), eval_n=EVAL_N, fid_n=0,
                        out=str(out))
+
+
+def mllm_pipeline_config(out: Path, tokenizer: Path, steps: int):
+    """The main job's MLLM recipe (``fastvq.train.mllm.MLLMTrainConfig``)."""
+    from fastvq.train.mllm import MLLMTrainConfig
+    return MLLMTrainConfig(tokenizer=str(tokenizer), preset="mllm-tiny", data=MLLM_DATA, steps=steps, batch_size=16,
+                           lr=1e-3, warmup_steps=max(1, steps // 20), log_every=max(1, steps // 30), eval_n=32,
+                           out=str(out))
+
+
+def _mllm_stage(out: Path, steps: int) -> dict:
+    """Train the MLLM on ``out/unitok-tiny``, evaluate it and its untrained initialisation; the report's inputs."""
+    from fastvq.data import load_dataset
+    from fastvq.eval.mllm import CAPTION_SETS, cfg_sweep_png, codes_of, evaluate_mllm, images_grid_png
+    from fastvq.train.mllm import MLLMTrainer, load_mllm, untrained_like
+    cfg = mllm_pipeline_config(out / "mllm", out / MLLM_TOKENIZER, steps)
+    t0 = time.time()
+    trainer = MLLMTrainer(cfg)
+    trainer.train()
+    train_seconds = time.time() - t0
+    history = [json.loads(line) for line in (out / "mllm" / "metrics.jsonl").read_text().splitlines()]
+    train_log = [r for r in history if "loss" in r]
+    mllm, tok = load_mllm(out / "mllm")
+    fp = trainer.tokenizer_fingerprint
+    train_captions = {n: s["captions"] for n, s in trainer.train_sets.items()}
+    fm_labels = trainer.train_sets["fashion_mnist"]["labels"]
+    results, eval_seconds = {}, {}
+    for tag, model in (("untrained", untrained_like(mllm, cfg.seed)), ("trained", mllm)):
+        print(f"fastvq pipeline: evaluating the MLLM ({tag})", file=sys.stderr)
+        t1 = time.time()
+        results[tag] = evaluate_mllm(model, tok, out / "mllm-eval", tag, train_captions=train_captions,
+                                     train_labels=fm_labels, fingerprint=fp, **MLLM_EVAL)
+        eval_seconds[tag] = time.time() - t1
+    if all("cfg_sweep" in r for r in results.values()):
+        cfg_sweep_png({f"mllm-tiny {t}": r["cfg_sweep"] for t, r in results.items()}, out / "mllm-eval" / "cfg.png",
+                      ceiling=results["trained"].get("t2i_accuracy_reconstruction"))
+    # a few held-out images with their captions (reference, trained, untrained)
+    captions = []
+    for name in CAPTION_SETS:
+        key = f"caption_{name}"
+        if key not in results["trained"]["samples"]:
+            continue
+        d = codes_of(tok, name, "val", MLLM_EVAL["caption_n"], fp, mllm)
+        ds = load_dataset(name, "val", channels=3, image_size=tok.config.image_size)
+        k = 6
+        images_grid_png(ds.images(d["positions"][:k]), out / "mllm-eval" / f"held-out-{name}.png", ncol=k)
+        captions.append({"set": name, "png": f"mllm-eval/held-out-{name}.png",
+                         "rows": [dict(reference=a["reference"], trained=a["prediction"], untrained=b["prediction"])
+                                  for a, b in zip(results["trained"]["samples"][key][:k],
+                                                  results["untrained"]["samples"][key][:k])]})
+    loss_curve = out / "mllm" / "loss_curve.png"
+    from fastvq.train.mllm import loss_curve_png as mllm_loss_curve
+    mllm_loss_curve(train_log, loss_curve, "mllm-tiny: training loss (all tasks and each)")
+    ips = [r["images_per_s"] for r in train_log[1:]] or [r["images_per_s"] for r in train_log]
+    return {"config": cfg.to_dict(), "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "results": results, "captions": captions, "items_per_s": sum(ips) / len(ips),
+            "params": sum(p.numel() for p in mllm.parameters()), "text_vocab": mllm.config.text_vocab_size,
+            "train_items": {n: len(s["captions"]) for n, s in trainer.train_sets.items()}}
 
 
 def _machine() -> dict:
@@ -121,8 +190,10 @@ def _fmt(v, digits=3) -> str:
 
 
 def run_pipeline(out: str | Path = "runs/main", steps: int | None = None, presets: list[str] | None = None,
-                 fid_n: int | None = None, bench: bool = True) -> Path:
-    """Train, evaluate and report; returns the path of ``report.md``."""
+                 fid_n: int | None = None, bench: bool = True, mllm_steps: int | None = None) -> Path:
+    """Train, evaluate and report; returns the path of ``report.md``. ``mllm_steps`` (default
+    :data:`DEFAULT_MLLM_STEPS`; 0: no MLLM stage): the MLLM's optimizer steps, on :data:`MLLM_TOKENIZER` when it
+    was trained."""
     import fastvq.models as models
     from fastvq.train.trainer import Trainer, load_checkpoint_model
     out = Path(out)
@@ -156,14 +227,23 @@ def run_pipeline(out: str | Path = "runs/main", steps: int | None = None, preset
                          "train_images_per_s": round(sum(ips) / len(ips), 2) if trained else None, **m})
             figures.append((f"{preset}, {label}", f"eval/{tag}-recon.png"))
         loss_curve_png(train_log, out / preset / "loss_curve.png", f"{preset}: training loss")
+    mllm_steps = DEFAULT_MLLM_STEPS if mllm_steps is None else mllm_steps
+    mllm = None
+    if mllm_steps > 0 and MLLM_TOKENIZER in available:
+        t0 = time.time()
+        mllm = _mllm_stage(out, mllm_steps)
+        timings["mllm-tiny (train + eval)"] = time.time() - t0
+    elif mllm_steps > 0:
+        mllm = {"skipped": f"{MLLM_TOKENIZER} was not trained in this run (presets {available})"}
     speed = [measure_speed(p) for p in SPEED_PRESETS if p in models.list_presets()]
     bench_md = _bench_table(out) if bench else "(skipped: --no-bench)\n"
     total = time.time() - t_start
     (out / "results.json").write_text(json.dumps({"machine": _machine(), "rows": rows, "speed": speed,
                                                   "train_seconds": timings, "total_seconds": total,
-                                                  "missing": missing}, indent=1, default=float) + "\n")
+                                                  "missing": missing, "mllm": mllm}, indent=1, default=float) + "\n")
     path = out / "report.md"
-    path.write_text(_report(rows, speed, timings, total, missing, steps, fid_n, figures, available, bench_md))
+    path.write_text(_report(rows, speed, timings, total, missing, steps, fid_n, figures, available, bench_md)
+                    + _mllm_report(mllm))
     print(f"fastvq pipeline: wrote {path} ({total:.0f} s)", file=sys.stderr)
     return path
 
@@ -213,4 +293,75 @@ def _report(rows, speed, timings, total, missing, steps, fid_n, figures, presets
     lines += [f"| {s['preset']} | {s['params']:,} | {s['images_per_s']} | {100 * s['fastvq_op_share']:.1f}% |"
               for s in speed]
     lines += ["", "## Op speed", "", bench_md]
+    return "\n".join(lines) + "\n"
+
+
+# (metric key, label, digits); the baselines' keys are the metric's key + a suffix
+_MLLM_ROWS = [
+    ("caption_fashion_mnist_bleu4", "captioning BLEU-4, fashion_mnist/val", 3),
+    ("caption_fashion_mnist_cider", "captioning CIDEr-D, fashion_mnist/val", 3),
+    ("caption_emoji_bleu4", "captioning BLEU-4, emoji/val (held out)", 3),
+    ("caption_emoji_cider", "captioning CIDEr-D, emoji/val (held out)", 3),
+    ("caption_tuxpaint_bleu4", "captioning BLEU-4, tuxpaint/val (held out)", 3),
+    ("caption_tuxpaint_cider", "captioning CIDEr-D, tuxpaint/val (held out)", 3),
+    ("qa_accuracy", "QA accuracy (\"what is this?\"), fashion_mnist/val", 3),
+    ("t2i_accuracy", "text-to-image: generated-image accuracy (CFG 3)", 3),
+    ("t2i_kid", "text-to-image: KID vs real fashion_mnist/val", 4),
+]
+_BASELINES = ("_most_frequent", "_majority", "_blank_image", "_unconditional", "_reconstruction")
+_BASELINE_NAMES = {"_most_frequent": "most frequent training caption", "_majority": "majority class",
+                   "_blank_image": "trained MLLM, blank grey image", "_unconditional": "trained MLLM, unconditional "
+                   "(CFG 0)", "_reconstruction": "tokenizer reconstructions of real images (ceiling)"}
+
+
+def _mllm_report(mllm: dict | None) -> str:
+    if mllm is None:
+        return ""
+    if "skipped" in mllm:
+        return f"\n## The MLLM\n\nNot trained: {mllm['skipped']}.\n"
+    c, r = mllm["config"], mllm["results"]
+    ev = MLLM_EVAL
+    lines = [
+        "", "## The MLLM (mllm-tiny on the UniTok codes)", "",
+        f"Recipe: `fastvq train mllm --tokenizer {Path(c['tokenizer']).name} --data {c['data']}`: {c['steps']} AdamW "
+        f"steps of {c['batch_size']} items (text-to-image : captioning : QA = {c['t2i_weight']} : "
+        f"{c['caption_weight']} : {c['qa_weight']}), lr {c['lr']}, {c['warmup_steps']} warm-up steps, cosine; CFG "
+        f"prompt dropout 0.1; {mllm['params']:,} parameters, text vocabulary {mllm['text_vocab']} WordPiece ids; "
+        f"training items {mllm['train_items']} (codes cached once). Training {mllm['train_seconds']:.0f} s "
+        f"({mllm['items_per_s']:.0f} items/s, code encoding included), evaluation "
+        f"{mllm['eval_seconds']['trained']:.0f} s (trained) + {mllm['eval_seconds']['untrained']:.0f} s (untrained).",
+        "",
+        f"Evaluation (`fastvq.eval.mllm`, greedy text): captions on {ev['caption_n']} val images per set (fastvq's "
+        f"BLEU-4 / CIDEr-D, one reference each), QA on {ev['qa_n']} fashion_mnist/val images (exact class name), "
+        f"text-to-image on the 10 class prompts (\"A photo of a sneaker.\") x {ev['per_class']} samples (temperature "
+        f"1) scored by the cached Fashion-MNIST classifier, KID (TF-Inception pool3) of those {10 * ev['per_class']} "
+        f"samples against {ev['kid_real_n']} real fashion_mnist/val images. Small N: an accuracy over "
+        f"{10 * ev['per_class']} images moves in steps of {1 / (10 * ev['per_class']):.3f}.", "",
+        "| metric | untrained | trained | baselines (no image / no prompt) |", "|---|---|---|---|",
+    ]
+    for key, label, digits in _MLLM_ROWS:
+        if key not in r["trained"]:
+            continue
+        base = [f"{_BASELINE_NAMES[s]}: {_fmt(r['trained'][key + s], digits)}" for s in _BASELINES
+                if key + s in r["trained"]]
+        lines.append(f"| {label} | {_fmt(r['untrained'].get(key), digits)} | {_fmt(r['trained'][key], digits)} | "
+                     f"{'; '.join(base)} |")
+    skipped = r["trained"].get("skipped") or {}
+    if skipped:
+        lines += ["", f"Caption sets not evaluated (packages missing): {', '.join(skipped)}."]
+    lines += ["", "**Generated images** (rows: the 10 class prompts, T-shirt/top … ankle boot; CFG 3, seed 0)", "",
+              "| untrained | trained |", "|---|---|",
+              "| ![untrained](mllm-eval/untrained-t2i.png) | ![trained](mllm-eval/trained-t2i.png) |", "",
+              "**CFG sweep** (generated-image accuracy against the CFG scale; dashed: the tokenizer's reconstructions)",
+              "", "![cfg sweep](mllm-eval/cfg.png)", "", "**Captions of held-out images** (greedy)", ""]
+    for cap in mllm["captions"]:
+        lines += [f"{cap['set']}/val:", "", f"![{cap['set']}]({cap['png']})", "",
+                  "| # | reference | trained | untrained |", "|---|---|---|---|"]
+        lines += [f"| {i + 1} | {row['reference']} | {row['trained']} | {row['untrained'][:60]} |"
+                  for i, row in enumerate(cap["rows"])]
+        lines.append("")
+    qa = r["trained"]["samples"].get("qa", [])
+    if qa:
+        lines += ["QA samples (trained): " + "; ".join(f"{s['answer']} → {s['prediction']}" for s in qa), ""]
+    lines += ["![mllm loss](mllm/loss_curve.png)", ""]
     return "\n".join(lines) + "\n"
