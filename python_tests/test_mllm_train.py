@@ -201,10 +201,6 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tokenizer_dir):
     assert_bit_identical(tok_weights, load_file(str(tokenizer_dir / "model.safetensors")))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="MLLM.embed scatters the adapter's bf16 output into the fp32 text embeddings under autocast "
-                          "(scatter(): Expected self.dtype to be equal to src.dtype); fix in fastvq/models/mllm.py: "
-                          "h.scatter(..., img.to(h.dtype)). With that line this test passes (checked by patching)")
 def test_bf16_and_resume_in_process_is_bit_identical(tmp_path, tokenizer_dir):
     """precision=bf16 (autocast) trains with finite losses, and a run resumed in the same process from its step-2
     checkpoint ends bit-identical to the uninterrupted one."""

@@ -664,7 +664,7 @@ class MLLM(nn.Module):
             return h
         img = self.adapter(codes)                                        # [B, L, dim]
         idx = (image_start[:, None] + torch.arange(codes.shape[1], device=codes.device))[..., None]
-        return h.scatter(1, idx.expand(-1, -1, h.shape[-1]), img)
+        return h.scatter(1, idx.expand(-1, -1, h.shape[-1]), img.to(h.dtype))
 
     def hidden_states(self, batch: dict[str, Tensor]) -> Tensor:
         """The LLM's (normed) hidden states ``[B, T, dim]`` of a ``collate`` batch (full causal forward)."""
