@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -120,22 +119,19 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """An uninterrupted run against one killed by SIGKILL right after its third checkpoint and resumed with
     --resume: the final weights, EMA and optimizer states are bit for bit the same, and so is the loss log."""
     env = dict(os.environ, PYTHONPATH=str(REPO), FASTVQ_PROGRESS="0", OMP_NUM_THREADS="1")
+    kill_env = dict(env, FASTVQ_TEST_SIGKILL_AFTER="3")
     ref = tmp_path / "ref"
     Trainer(micro_config(tmp_path, out=str(ref), ckpt_every=1, keep_last=2), progress=False).train()
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli_cmd(run), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    latest = run / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while not (latest.is_file() and latest.read_text().strip() >= "step-000003"):
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no third checkpoint within 120 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = resolve_checkpoint(run)  # whatever the kill interrupted, latest names a verified checkpoint
-    assert killed_at.name < "step-000006"
+    proc = subprocess.Popen(_cli_cmd(run), env=kill_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:  # the run kills itself right after publishing checkpoint 3 (no race with a watcher)
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == -signal.SIGKILL, out.decode()[-3000:]
+    assert resolve_checkpoint(run).name == "step-000003"  # latest names the verified checkpoint 3
 
     done = subprocess.run(_cli_cmd(run, "--resume"), env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -121,6 +122,10 @@ def write_checkpoint(root: Path, step: int, writers: dict[str, Callable[[Path], 
                               f"the latest complete checkpoint is still {kept!r}") from e
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    # fault injection for the exact-resume tests (docs/dev.md): FASTVQ_TEST_SIGKILL_AFTER=<step> kills this process
+    # with SIGKILL once checkpoint <step> is published, so "killed right after a checkpoint" needs no timing
+    if os.environ.get("FASTVQ_TEST_SIGKILL_AFTER") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
     return final
 
 
