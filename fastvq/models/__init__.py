@@ -10,12 +10,13 @@ from fastvq.models.blocks import (AdaptiveGroupNorm, Attention, AttnProjection, 
 from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, from_preset, from_pretrained, list_presets,
                                      register_preset)
 from fastvq.models.mergevq import MergeVQ, MergeVQConfig
+from fastvq.models.mergear import MergeAR, MergeARConfig
 from fastvq.models.unitok import UniTok, UniTokConfig
 from fastvq.models.uniwetok import UniWeTok, UniWeTokConfig
 from fastvq.models.vqgan import VQGAN, VQGANConfig
 from fastvq.models.vqrae import VQRAE, VQRAEConfig
 
 __all__ = ["AdaptiveGroupNorm", "Attention", "AttnProjection", "Downsample", "GeGLU", "LayerNorm2d", "MBConv",
-           "MergeVQ", "MergeVQConfig", "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig",
+           "MergeAR", "MergeARConfig", "MergeVQ", "MergeVQConfig", "ResBlock", "RoPE2D", "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig",
            "UniWeTok", "UniWeTokConfig", "Upsample", "VQGAN", "VQGANConfig", "VQRAE", "VQRAEConfig", "ViTBlock",
            "ViTaminStem", "blocks", "from_preset", "from_pretrained", "list_presets", "register_preset"]

@@ -49,7 +49,7 @@ from fastvq.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, config_to_dict
 from fastvq.nn import first_occurrence, merge_causal_mask
 
 __all__ = ["MergeARConfig", "MergeAR", "MergeARSample", "tokenizer_fingerprint", "canonical_source",
-           "encode_for_mergear", "train_mergear", "FASHION_MNIST_CLASSES"]
+           "encode_for_mergear", "sample_batch", "train_mergear", "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle boot")
@@ -589,3 +589,106 @@ class MergeAR(nn.Module):
                              f"{unexpected}, shapes differ at {shapes}")
         model.load_state_dict(state)
         return model.to(map_location)
+
+
+# ---- data and training ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_for_mergear(tok, images: Tensor, labels, keep_candidates: tuple[int, ...] | None = None,
+                       batch_size: int = 64) -> dict[str, Any]:
+    """MergeVQ tokens of ``images [N, C, H, W]`` (in ``[-1, 1]``) at every keep candidate, for MergeAR training.
+
+    MergeVQ's ``encode(images, keep=K)`` already merges to any reachable ``K``, so each image is encoded once per
+    candidate (default ``tok.config.keep_candidates``) and a training batch picks one encoding per sample.
+
+    Returns a dict: ``codes`` int64 ``[N, C, L]`` (the LFQ index of every raster position at candidate ``c``),
+    ``source`` int64 ``[N, C, L]`` (the source map, first-occurrence order), ``labels`` int64 ``[N]``,
+    ``keep_candidates`` (the ``C`` counts), ``grid``, ``fingerprint`` (:func:`tokenizer_fingerprint`)."""
+    if images.dim() != 4:
+        raise ValueError(f"encode_for_mergear: images must be [N, C, H, W], got {list(images.shape)}")
+    keeps = tuple(tok.config.keep_candidates if keep_candidates is None else keep_candidates)
+    was = tok.training
+    tok.eval()
+    codes, source, grid = [], [], None
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            c_k, s_k = [], []
+            for k in keeps:
+                out = tok.encode(x, keep=k)
+                s_k.append(out.extras["source"])
+                c_k.append(out.indices.gather(1, out.extras["source"]))
+                grid = out.extras["grid"]
+            codes.append(torch.stack(c_k, 1))
+            source.append(torch.stack(s_k, 1))
+    finally:
+        tok.train(was)
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.shape[0] != len(images):
+        raise ValueError(f"encode_for_mergear: labels must be [N={len(images)}], got {list(labels.shape)}")
+    return {"codes": torch.cat(codes), "source": torch.cat(source), "labels": labels, "keep_candidates": keeps,
+            "grid": tuple(grid), "fingerprint": tokenizer_fingerprint(tok)}
+
+
+def _check_data(model: MergeAR, data: dict[str, Any]) -> Tensor:
+    """The column of each model keep candidate in ``data`` (``encode_for_mergear``'s dict); ``ValueError``
+    naming ``data`` when it comes from another tokenizer or lacks a candidate."""
+    cfg = model.config
+    if tuple(data["grid"]) != tuple(cfg.grid):
+        raise ValueError(f"train_mergear: data was encoded on a {tuple(data['grid'])} grid; the model's is "
+                         f"{tuple(cfg.grid)} (another tokenizer)")
+    if cfg.tokenizer_hash and data.get("fingerprint") != cfg.tokenizer_hash:
+        raise ValueError(f"train_mergear: data comes from tokenizer {data.get('fingerprint')}, the model was built "
+                         f"for {cfg.tokenizer_hash}")
+    missing = [k for k in cfg.keep_candidates if k not in data["keep_candidates"]]
+    if missing:
+        raise ValueError(f"train_mergear: data has no encoding at keep {missing} (it has {data['keep_candidates']})")
+    return torch.tensor([list(data["keep_candidates"]).index(k) for k in cfg.keep_candidates])
+
+
+def sample_batch(model: MergeAR, data: dict[str, Any], batch_size: int, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A random training batch of ``encode_for_mergear`` data: ``(codes [B, L], source [B, L], keep [B], labels
+    [B])``, the keep count of each sample drawn by :meth:`MergeAR.sample_keep`."""
+    cols = _check_data(model, data)
+    idx = torch.randint(len(data["labels"]), (batch_size,), generator=generator)
+    keep = model.sample_keep(batch_size, generator)
+    col = cols[torch.tensor([model.config.keep_candidates.index(int(k)) for k in keep])]
+    return data["codes"][idx, col], data["source"][idx, col], keep, data["labels"][idx]
+
+
+def train_mergear(model: MergeAR, data: dict[str, Any], *, steps: int | None = None, seconds: float | None = None,
+                  batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 20,
+                  seed: int = 0, log_every: int = 50, log=print) -> list[dict[str, float]]:
+    """Train ``model`` on ``data`` (``encode_for_mergear``'s dict) with AdamW (betas 0.9, 0.95, gradient clip 1.0,
+    linear warmup over ``warmup`` steps, then constant ``lr``) for ``steps`` steps or ``seconds`` of wall clock,
+    whichever comes first (at least one given). Returns the per-step log (``loss``, ``slot_loss``, ``code_loss``,
+    accuracies, ``time``)."""
+    if steps is None and seconds is None:
+        raise ValueError("train_mergear: give steps or seconds")
+    _check_data(model, data)
+    g = torch.Generator().manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    model.train()
+    history, t0, step = [], time.perf_counter(), 0
+    while (steps is None or step < steps) and (seconds is None or time.perf_counter() - t0 < seconds):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+        codes, source, keep, labels = sample_batch(model, data, batch_size, g)
+        out = model(codes, source, keep, labels, generator=g)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        rec = {k: float(v.detach()) for k, v in out.items()}
+        rec.update(step=step, time=time.perf_counter() - t0)
+        history.append(rec)
+        if log is not None and log_every and step % log_every == 0:
+            log(f"mergear step {step}: loss {rec['loss']:.3f} (slot {rec['slot_loss']:.3f}, code {rec['code_loss']:.3f}), "
+                f"open acc {rec['open_accuracy']:.3f}, {rec['time']:.0f} s")
+    model.eval()
+    return history
