@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fastvq.models import from_preset
-from fastvq.models.mergear import (MergeAR, MergeARConfig, canonical_source, encode_for_mergear, sample_batch,
-                                   tokenizer_fingerprint, train_mergear)
+from fastvq.models.mergear import (MergeAR, MergeARConfig, canonical_source, encode_for_mergear, generate_images,
+                                   sample_batch, tokenizer_fingerprint, train_mergear)
 from fastvq.nn import first_occurrence
 
 KEEPS = (4, 9, 16)
@@ -176,7 +176,7 @@ def test_bad_input_is_a_value_error_naming_the_argument():
         m.generate([1], keep=4, cache="paged")
 
 
-def test_tokenizer_round_trip_and_tokenizer_mismatch():
+def test_tokenizer_round_trip_and_tokenizer_mismatch(tmp_path):
     """MergeVQ-tiny tokens at every candidate keep train MergeAR and decode; another tokenizer is refused."""
     torch.manual_seed(0)
     tok = from_preset("mergevq-tiny").eval()
@@ -193,6 +193,11 @@ def test_tokenizer_round_trip_and_tokenizer_mismatch():
     s = m.generate(["A photo of an ankle boot.", 2], keep=36, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert s.indices.shape == (2, 36) and s.source.shape == (2, 64)
     assert m.decode(tok, s).shape == (2, 3, 32, 32)
+    m.save_pretrained(tmp_path / "ar", tokenizer=tok)                        # the CLI's checkpoint
+    images, sample = generate_images(tmp_path / "ar", ["a photo of a bag"], keep=25, temperature=1.0,
+                                     generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert sample.indices.shape == (1, 25)
     other = from_preset("mergevq-tiny", inv_temperature=50.0)
     with pytest.raises(ValueError, match="tok is not the tokenizer this model was built for"):
         m.decode(other, s)
@@ -203,3 +208,7 @@ def test_tokenizer_round_trip_and_tokenizer_mismatch():
         train_mergear(m, dict(data, fingerprint=tokenizer_fingerprint(other)), steps=1, log=None)
     with pytest.raises(ValueError, match="data was encoded on a"):
         train_mergear(m, dict(data, grid=(4, 4)), steps=1, log=None)
+    with pytest.raises(ValueError, match="tokenizer is not the tokenizer"):
+        m.save_pretrained(tmp_path / "ar2", tokenizer=other)
+    with pytest.raises(ValueError, match="source has 16 positions"):                # a map of another grid
+        m.generate([1], keep=36, source=torch.zeros(1, 16, dtype=torch.long))

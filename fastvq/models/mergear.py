@@ -49,7 +49,7 @@ from fastvq.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, config_to_dict
 from fastvq.nn import first_occurrence, merge_causal_mask
 
 __all__ = ["MergeARConfig", "MergeAR", "MergeARSample", "tokenizer_fingerprint", "canonical_source",
-           "encode_for_mergear", "sample_batch", "train_mergear", "FASHION_MNIST_CLASSES"]
+           "encode_for_mergear", "sample_batch", "train_mergear", "generate_images", "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle boot")
@@ -572,10 +572,15 @@ class MergeAR(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` (``{"model": "mergear", "config": {...}}``) and ``model.safetensors``."""
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write ``config.json`` (``{"model": "mergear", "config": {...}}``) and ``model.safetensors``; with
+        ``tokenizer`` (checked by :meth:`check_tokenizer`), also its ``save_pretrained`` under ``tokenizer/``, so that
+        the directory alone generates images (:func:`generate_images`)."""
         from safetensors.torch import save_file
         directory = Path(directory)
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer, "tokenizer")
+            tokenizer.save_pretrained(directory / "tokenizer")
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"model": MODEL_NAME, "config": self.config.to_dict()}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -607,6 +612,29 @@ class MergeAR(nn.Module):
                              f"{unexpected}, shapes differ at {shapes}")
         model.load_state_dict(state)
         return model.to(map_location)
+
+
+def generate_images(directory: str | Path, prompts, keep: int | None = None, *, tokenizer=None, **kwargs
+                    ) -> tuple[Tensor, MergeARSample]:
+    """Images ``[B, C, H, W]`` in ``[0, 1]`` for ``prompts`` from a MergeAR checkpoint directory (the
+    ``fastvq generate CKPT "prompt" --keep 144`` path): the model from ``directory``, the tokenizer from
+    ``tokenizer`` (a tokenizer or a directory) or ``directory/tokenizer``; ``kwargs`` go to
+    :meth:`MergeAR.generate` (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``generator``). Returns the
+    images and the sample."""
+    from fastvq.models.tokenizer import from_pretrained
+    directory = Path(directory)
+    model = MergeAR.from_pretrained(directory).eval()
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tok_dir = Path(tokenizer) if tokenizer is not None else directory / "tokenizer"
+        if not (tok_dir / CONFIG_NAME).is_file():
+            raise ValueError(f"generate_images: no tokenizer at {tok_dir}; save the model with "
+                             f"save_pretrained(dir, tokenizer=tok) or pass tokenizer=")
+        tokenizer = from_pretrained(tok_dir)
+    tokenizer.eval()
+    sample = model.generate(prompts, keep=keep, **kwargs)
+    with torch.no_grad():
+        images = model.decode(tokenizer, sample)
+    return ((images.clamp(-1, 1) + 1) / 2), sample
 
 
 # ---- data and training ------------------------------------------------------------------------------------------
