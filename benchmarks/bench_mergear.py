@@ -104,9 +104,9 @@ def quality(tokenizer_dir: Path, seconds: float, n_train: int, per_class: int, o
     real_f = extract_features(inception, real)
     results = []
 
-    def score(name, images, extra):
+    def score(name, images, extra, y=labels):
         x = ((images.clamp(-1, 1) + 1) / 2).float()
-        acc = generated_image_accuracy(x, labels if len(x) == len(labels) else test.labels[tpos])
+        acc = generated_image_accuracy(x, y)
         kid = kid_from_features(real_f, extract_features(inception, x))
         row = dict(name=name, accuracy=acc.value, kid=kid.value, kid_std=kid.details.get("std"), n=len(x), **extra)
         results.append(row)
@@ -116,7 +116,7 @@ def quality(tokenizer_dir: Path, seconds: float, n_train: int, per_class: int, o
     with torch.no_grad():
         for k in (36, 64):
             rec = tok.decode_indices(*(lambda o: (o.indices, o.extras))(tok.encode(real * 2 - 1, keep=k)))
-            score(f"tokenizer reconstruction keep {k} (ceiling)", rec, dict(keep=k))
+            score(f"tokenizer reconstruction keep {k} (ceiling)", rec, dict(keep=k), torch.as_tensor(test.labels[tpos]))
     samples = {}
     for name, keeps in (("mergear", tuple(tok.config.keep_candidates)), ("unmerged", (L,))):
         probs = tuple(tok.config.keep_probs) if name == "mergear" else (1.0,)
