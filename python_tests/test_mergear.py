@@ -153,6 +153,13 @@ def test_canonical_source_relabels_in_first_occurrence_order():
     assert canonical_source(src).tolist() == [[0, 0, 1, 2, 1, 0], [0, 1, 1, 0, 2, 2]]
 
 
+def test_prompts_resolve_to_classes():
+    m = _model()
+    got = m.resolve_labels(["A photo of an ankle boot.", "a small greyscale image of a T-shirt/top.", "a t-shirt",
+                            "a shirt", "a product photo of sneaker.", 3]).tolist()
+    assert got == [9, 0, 0, 6, 7, 3]
+
+
 def test_bad_input_is_a_value_error_naming_the_argument():
     m = _model()
     with pytest.raises(ValueError, match="keep must be one of the trained keep_candidates"):

@@ -422,10 +422,12 @@ class MergeAR(nn.Module):
             labels = []
             for p in prompts:
                 if isinstance(p, str):
-                    hits = [i for i, c in enumerate(cfg.class_names) if c.lower() in p.lower()]
+                    # every class name and its "/"-separated parts ("T-shirt/top": also "t-shirt", "top")
+                    hits = [(len(a), i) for i, c in enumerate(cfg.class_names) for a in {c, *c.split("/")}
+                            if a and a.lower() in p.lower()]
                     if not hits:
                         raise ValueError(f"MergeAR.generate: prompt {p!r} names none of the classes {list(cfg.class_names)}")
-                    labels.append(max(hits, key=lambda i: len(cfg.class_names[i])))
+                    labels.append(max(hits)[1])                       # the longest match: "t-shirt" over "shirt"
                 else:
                     labels.append(int(p))
             labels = torch.tensor(labels, dtype=torch.long)
