@@ -546,7 +546,7 @@ class MergeAR(nn.Module):
                 x, keep_c = x.repeat(2, 1), is_new.repeat(2)
             if cache == "none":
                 seq_h = torch.cat((seq_h, x[:, None]), 1)
-                seq_g = torch.cat((seq_g, torch.cat((slot, slot)) [:, None] if guided else slot[:, None]), 1)
+                seq_g = torch.cat((seq_g, (slot.repeat(2) if guided else slot)[:, None]), 1)
                 full = self.decoder(seq_h, torch.arange(p + 3, device=dev).expand(Bc, p + 3), merge_causal_mask(seq_g))
                 pred = full[:, -1]
             else:
