@@ -146,10 +146,12 @@ class MergeARConfig:
                              rope_theta=self.rope_theta)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MergeARConfig:
+        """The inverse of :meth:`to_dict`; an unknown field is a ``ValueError``."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -170,6 +172,7 @@ class MergeARSample(NamedTuple):
 
     @property
     def extras(self) -> dict[str, Any]:
+        """``{"source", "keep", "grid"}``: MergeVQ ``encode``'s extras, for ``decode_indices``."""
         return {"source": self.source, "keep": self.keep, "grid": self.grid}
 
 
