@@ -206,7 +206,8 @@ def main() -> None:
           f"{cfg.dim // cfg.num_heads}, {n_dec / 1e6:.2f} M decoder / {n_all / 1e6:.2f} M parameters; batch {batch} "
           f"(x2 with CFG), 16x16 grid, fp32; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu_isa {fastvq.cpu_isa()}, {rounds} rounds\n")
-    print("| keep | cache | generation (CPU s, median) | tokens/s | vs static | wall (median) | KV bytes | cache rows / seq | rows read per step "
+    print("| keep | cache | generation (CPU s, median) | tokens/s | vs static | wall (median) | KV bytes "
+          "| cache rows / seq | rows read per step "
           "(mean) | attention share |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
@@ -224,7 +225,8 @@ def main() -> None:
             rows_read = f"{mean_rows[keep]:.1f}" if cache == "fastvq" else "257"  # SDPA reads every row
             print(f"| {keep}/256 | {cache} | {t:.2f} s | {batch * 256 / t:,.0f} | {speed:.2f}x | "
                   f"{statistics.median(walls[keep, cache]):.2f} s | "
-                  f"{(st['kv_bytes'] + ptr) / 1e6:.2f} MB | {st['kv_rows'] if cache == 'fastvq' else 257} | {rows_read} | "
+                  f"{(st['kv_bytes'] + ptr) / 1e6:.2f} MB | {st['kv_rows'] if cache == 'fastvq' else 257} | "
+                  f"{rows_read} | "
                   f"{shares[keep, cache]:.1%} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

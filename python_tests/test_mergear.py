@@ -6,7 +6,7 @@ import torch
 
 from fastvq.models import from_preset
 from fastvq.models.mergear import (MergeAR, MergeARConfig, canonical_source, encode_for_mergear, generate_images,
-                                   sample_batch, tokenizer_fingerprint, train_mergear)
+                                   is_mergear_checkpoint, sample_batch, tokenizer_fingerprint, train_mergear)
 from fastvq.nn import first_occurrence
 
 KEEPS = (4, 9, 16)
@@ -197,10 +197,12 @@ def test_tokenizer_round_trip_and_tokenizer_mismatch(tmp_path):
     assert m.config.tokenizer_hash == tokenizer_fingerprint(tok)
     hist = train_mergear(m, data, steps=2, batch_size=4, log=None)
     assert len(hist) == 2 and all(h["loss"] > 0 for h in hist)
-    s = m.generate(["A photo of an ankle boot.", 2], keep=36, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    s = m.generate(["A photo of an ankle boot.", 2], keep=36, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0))
     assert s.indices.shape == (2, 36) and s.source.shape == (2, 64)
     assert m.decode(tok, s).shape == (2, 3, 32, 32)
     m.save_pretrained(tmp_path / "ar", tokenizer=tok)                        # the CLI's checkpoint
+    assert is_mergear_checkpoint(tmp_path / "ar") and not is_mergear_checkpoint(tmp_path / "ar" / "tokenizer")
     images, sample = generate_images(tmp_path / "ar", ["a photo of a bag"], keep=25, temperature=1.0,
                                      generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1

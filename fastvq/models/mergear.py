@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,7 +49,8 @@ from fastvq.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, config_to_dict
 from fastvq.nn import first_occurrence, merge_causal_mask
 
 __all__ = ["MergeARConfig", "MergeAR", "MergeARSample", "tokenizer_fingerprint", "canonical_source",
-           "encode_for_mergear", "sample_batch", "train_mergear", "generate_images", "FASHION_MNIST_CLASSES"]
+           "encode_for_mergear", "sample_batch", "train_mergear", "generate_images", "is_mergear_checkpoint",
+           "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle boot")
@@ -57,11 +58,21 @@ MODEL_NAME = "mergear"
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """A MergeVQ tokenizer's identity: the first 16 hex digits of the SHA-256 of its model name and its config
-    as sorted JSON. Two tokenizers with one fingerprint produce interchangeable indices and source maps."""
-    text = json.dumps({"model": getattr(tok, "model_name", type(tok).__name__), "config": config_to_dict(tok.config)},
-                      sort_keys=True)
+    """A tokenizer's config identity: the first 16 hex digits of the SHA-256 of its config as sorted JSON (the
+    ``config_hash`` of ``fastvq.models.mllm``'s codec, so the two models name a tokenizer alike). Two tokenizers
+    with one fingerprint produce interchangeable indices and source maps; the model name is checked apart."""
+    text = json.dumps(config_to_dict(tok.config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_mergear_checkpoint(directory: str | Path) -> bool:
+    """True when ``directory/config.json`` is a :meth:`MergeAR.save_pretrained` config (``"model": "mergear"``):
+    how a command line tells a MergeAR checkpoint from another model's."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("model") == MODEL_NAME
+    except (ValueError, AttributeError):
+        return False
 
 
 def canonical_source(source: Tensor) -> Tensor:
@@ -121,7 +132,8 @@ class MergeARConfig:
         if not self.keep_candidates or len(self.keep_candidates) != len(self.keep_probs):
             raise ValueError(f"{who}: keep_candidates and keep_probs must be non-empty and of equal length, got "
                              f"{self.keep_candidates}, {self.keep_probs}")
-        if any(not 1 <= k <= L for k in self.keep_candidates) or len(set(self.keep_candidates)) != len(self.keep_candidates):
+        cands = self.keep_candidates
+        if any(not 1 <= k <= L for k in cands) or len(set(cands)) != len(cands):
             raise ValueError(f"{who}: keep_candidates must be distinct counts in [1, {L}] (the grid), got "
                              f"{self.keep_candidates}")
         if min(self.keep_probs) < 0 or not sum(self.keep_probs) > 0:
@@ -142,7 +154,8 @@ class MergeARConfig:
     def decoder_config(self) -> DecoderConfig:
         """The :class:`~fastvq.models.llm.DecoderConfig`: ``max_seq_len = L + 2`` (class, M, L positions)."""
         return DecoderConfig(dim=self.dim, num_layers=self.num_layers, num_heads=self.num_heads,
-                             num_kv_heads=self.num_kv_heads, hidden_dim=self.hidden_dim, max_seq_len=self.num_positions + 2,
+                             num_kv_heads=self.num_kv_heads, hidden_dim=self.hidden_dim,
+                             max_seq_len=self.num_positions + 2,
                              rope_theta=self.rope_theta)
 
     def to_dict(self) -> dict[str, Any]:
@@ -429,7 +442,8 @@ class MergeAR(nn.Module):
                     hits = [(len(a), i) for i, c in enumerate(cfg.class_names) for a in {c, *c.split("/")}
                             if a and a.lower() in p.lower()]
                     if not hits:
-                        raise ValueError(f"MergeAR.generate: prompt {p!r} names none of the classes {list(cfg.class_names)}")
+                        raise ValueError(f"MergeAR.generate: prompt {p!r} names none of the classes "
+                                         f"{list(cfg.class_names)}")
                     labels.append(max(hits)[1])                       # the longest match: "t-shirt" over "shirt"
                 else:
                     labels.append(int(p))
@@ -739,7 +753,8 @@ def train_mergear(model: MergeAR, data: dict[str, Any], *, steps: int | None = N
         rec.update(step=step, time=time.perf_counter() - t0)
         history.append(rec)
         if log is not None and log_every and step % log_every == 0:
-            log(f"mergear step {step}: loss {rec['loss']:.3f} (slot {rec['slot_loss']:.3f}, code {rec['code_loss']:.3f}), "
+            log(f"mergear step {step}: loss {rec['loss']:.3f} (slot {rec['slot_loss']:.3f}, "
+                f"code {rec['code_loss']:.3f}), "
                 f"open acc {rec['open_accuracy']:.3f}, {rec['time']:.0f} s")
     model.eval()
     return history
