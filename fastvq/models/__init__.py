@@ -10,6 +10,7 @@ from fastvq.models.blocks import (AdaptiveGroupNorm, Attention, AttnProjection, 
 from fastvq.models.tokenizer import (Tokenizer, TokenizerOutput, from_preset, from_pretrained, list_presets,
                                      register_preset)
 from fastvq.models.mergevq import MergeVQ, MergeVQConfig
+from fastvq.models.mergear import MergeAR, MergeARConfig
 from fastvq.models.mllm import MLLM, MLLMConfig, VisualCodec, list_mllm_presets, register_mllm_preset
 from fastvq.models.text import TextTokenizer
 from fastvq.models.unitok import UniTok, UniTokConfig
@@ -18,7 +19,7 @@ from fastvq.models.vqgan import VQGAN, VQGANConfig
 from fastvq.models.vqrae import VQRAE, VQRAEConfig
 
 __all__ = ["AdaptiveGroupNorm", "Attention", "AttnProjection", "Downsample", "GeGLU", "LayerNorm2d", "MBConv", "MLLM",
-           "MLLMConfig", "MergeVQ", "MergeVQConfig", "ResBlock", "RoPE2D", "TextTokenizer", "Tokenizer", "TokenizerOutput",
-           "UniTok", "UniTokConfig", "UniWeTok", "UniWeTokConfig", "Upsample", "VQGAN", "VQGANConfig", "VQRAE",
-           "VQRAEConfig", "ViTBlock", "ViTaminStem", "VisualCodec", "blocks", "from_preset", "from_pretrained",
-           "list_mllm_presets", "list_presets", "register_mllm_preset", "register_preset"]
+           "MLLMConfig", "MergeAR", "MergeARConfig", "MergeVQ", "MergeVQConfig", "ResBlock", "RoPE2D", "TextTokenizer",
+           "Tokenizer", "TokenizerOutput", "UniTok", "UniTokConfig", "UniWeTok", "UniWeTokConfig", "Upsample", "VQGAN",
+           "VQGANConfig", "VQRAE", "VQRAEConfig", "ViTBlock", "ViTaminStem", "VisualCodec", "blocks", "from_preset",
+           "from_pretrained", "list_mllm_presets", "list_presets", "register_mllm_preset", "register_preset"]
