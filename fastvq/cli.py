@@ -6,12 +6,15 @@
     fastvq reconstruct CKPT in.png out.png [--no-ema]
     fastvq train mllm --tokenizer CKPT [--data fashion_mnist,emoji] [--set key=value ...] [--out runs/mllm]
                       [--resume [CKPT]]
+    fastvq train mergear --tokenizer CKPT [--data fashion_mnist:4000] [--steps N | --seconds S] [--out DIR]
+                         [--set key=value ...] [--resume [CKPT]]
     fastvq generate CKPT "a red heart" [--out heart.png] [--cfg 3] [--seed 0] [--num 4] [--temperature 1]
-                    [--top-k 0] [--top-p 1]
+                    [--top-k 0] [--top-p 1] [--keep K (MergeAR checkpoints)]
     fastvq caption CKPT image.png [--question "what is this?"]
     fastvq eval mllm CKPT [--json PATH] [--caption-n 64] [--qa-n 200] [--per-class 4] [--kid-n 200]
                      [--no-untrained] [--no-baselines]
-    fastvq pipeline [--out runs/main] [--steps N] [--presets a,b,c] [--fid-n N] [--mllm-steps N]  (the main job)
+    fastvq pipeline [--out runs/main] [--steps N] [--presets a,b,c] [--fid-n N] [--mllm-steps N]
+                    [--mergear-steps N]                                                         (the main job)
     fastvq presets
 
 Under ``torchrun --nproc_per_node N -m fastvq train ...`` training runs DDP. The kernel benchmark is its own
@@ -35,11 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model")
-    train.add_argument("what", choices=["tokenizer", "mllm"], help="what to train")
+    train.add_argument("what", choices=["tokenizer", "mllm", "mergear"], help="what to train")
     train.add_argument("--preset", default=None, help="a registered preset (fastvq presets; required for a "
                                                       "tokenizer; an MLLM preset for mllm, default mllm-tiny)")
     train.add_argument("--tokenizer", default=None, metavar="CKPT",
-                       help="mllm: the frozen visual tokenizer (a run, checkpoint or save_pretrained directory)")
+                       help="mllm, mergear: the frozen visual tokenizer (a run, checkpoint or save_pretrained "
+                            "directory; mergear: a MergeVQ)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (the same as --set steps=N)")
+    train.add_argument("--seconds", type=float, default=None,
+                       help="mergear: a training wall-clock budget in seconds (with --steps: whichever ends first)")
     train.add_argument("--data", default=None, help="a fastvq.data set (default fashion_mnist); mllm: "
                                                     "comma-separated sets, e.g. fashion_mnist,emoji,tuxpaint")
     train.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -77,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("output", type=Path)
     rc.add_argument("--no-ema", action="store_true")
 
-    gen = sub.add_parser("generate", help="generate images from a prompt with a trained MLLM")
-    gen.add_argument("checkpoint", help="an MLLM run, checkpoints/, step-* or save_pretrained directory")
+    gen = sub.add_parser("generate", help="generate images from a prompt with a trained MLLM or MergeAR")
+    gen.add_argument("checkpoint", help="an MLLM or MergeAR run, checkpoints/, step-* or save_pretrained directory")
     gen.add_argument("prompt")
     gen.add_argument("--out", type=Path, default=Path("generated.png"), help="PNG (a grid when --num > 1)")
     gen.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
@@ -88,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="0: off")
     gen.add_argument("--top-p", type=float, default=1.0, help="1: off")
     gen.add_argument("--no-ema", action="store_true", help="use the training weights, not the EMA")
+    gen.add_argument("--keep", type=int, default=None,
+                     help="MergeAR: the number of merge groups (one of its trained keep candidates; default the most "
+                          "probable)")
 
     cap = sub.add_parser("caption", help="caption an image (or answer a question about it) with a trained MLLM")
     cap.add_argument("checkpoint")
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--fid-n", type=int, default=None, help="images for rFID/KID")
     pipe.add_argument("--no-bench", action="store_true", help="skip python -m fastvq.bench --quick")
     pipe.add_argument("--mllm-steps", type=int, default=None, help="MLLM optimizer steps (0: no MLLM stage)")
+    pipe.add_argument("--mergear-steps", type=int, default=None,
+                      help="MergeAR optimizer steps on the MergeVQ just trained (0: no MergeAR stage)")
 
     sub.add_parser("presets", help="list the registered presets")
     return parser
@@ -116,6 +128,12 @@ def _train(args) -> int:
     from fastvq.train import TrainConfig, Trainer, apply_overrides
     if args.what == "mllm":
         return _train_mllm(args)
+    if args.what == "mergear":
+        return _train_mergear(args)
+    if args.seconds is not None:
+        raise ValueError("--seconds is for `fastvq train mergear`; use --steps (or --set steps=N)")
+    if args.steps is not None:
+        args.assignments = [*args.assignments, f"steps={args.steps}"]
     if args.tokenizer is not None:
         raise ValueError("--tokenizer is for `fastvq train mllm`; a tokenizer is trained with --preset")
     if args.preset is None:
@@ -144,6 +162,10 @@ def _train_mllm(args) -> int:
     if not args.tokenizer:
         raise ValueError("fastvq train mllm: --tokenizer CKPT is required (the frozen visual tokenizer: a run, "
                          "checkpoint or save_pretrained directory, e.g. runs/main/unitok-tiny)")
+    if args.seconds is not None:
+        raise ValueError("--seconds is for `fastvq train mergear`; use --steps (or --set steps=N)")
+    if args.steps is not None:
+        args.assignments = [*args.assignments, f"steps={args.steps}"]
     cfg = MLLMTrainConfig(tokenizer=args.tokenizer, preset=preset, out=args.out or f"runs/{preset}")
     if args.data:
         cfg = dataclasses.replace(cfg, data=args.data)
@@ -151,14 +173,68 @@ def _train_mllm(args) -> int:
     return 0
 
 
+def _train_mergear(args) -> int:
+    from fastvq.models.mergear import MergeARConfig, MergeARTrainConfig, MergeARTrainer
+    from fastvq.train import apply_overrides
+    if args.compile:
+        raise ValueError("fastvq train mergear: --compile is not supported")
+    if args.preset is not None:
+        raise ValueError("fastvq train mergear: --preset does not apply (the model is sized with --set model.dim=..., "
+                         "model.num_layers=...; the grid and keeps come from the tokenizer)")
+    if not args.tokenizer:
+        raise ValueError("fastvq train mergear: --tokenizer CKPT is required (a trained MergeVQ: a run, checkpoint "
+                         "or save_pretrained directory, e.g. runs/main/mergevq-tiny)")
+    cfg = MergeARTrainConfig(tokenizer=args.tokenizer, out=args.out or "runs/mergear")
+    extra = [f"steps={args.steps}"] if args.steps is not None else []
+    if args.seconds is not None:
+        extra.append(f"seconds={args.seconds}")
+        if args.steps is None:  # a time budget alone: no step limit
+            extra.append(f"steps={10 ** 9}")
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=args.data)
+    cfg = apply_overrides(cfg, [*args.assignments, *extra], MergeARConfig)
+    trainer = MergeARTrainer(cfg, resume=args.resume)
+    path = trainer.train()
+    print(f"fastvq train mergear: {trainer.step} steps in {trainer.seconds:.0f} s -> {path} "
+          f"(fastvq generate {cfg.out} \"A photo of a trouser.\" --keep "
+          f"{max(zip(trainer.model.config.keep_probs, trainer.model.config.keep_candidates))[1]})")
+    return 0
+
+
+def _generate_mergear(args) -> int:
+    import torch
+
+    from fastvq.eval.mllm import images_grid_png
+    from fastvq.models.mergear import MergeAR, generate_images, resolve_mergear_checkpoint
+    ckpt = resolve_mergear_checkpoint(args.checkpoint)
+    cands = list(MergeAR.from_pretrained(ckpt).config.keep_candidates)
+    if args.keep is not None and args.keep not in cands:
+        raise ValueError(f"fastvq generate: --keep {args.keep} is not one of this MergeAR's trained keep candidates "
+                         f"{cands} ({ckpt})")
+    g = torch.Generator().manual_seed(args.seed)
+    images, sample = generate_images(ckpt, [args.prompt] * args.num, keep=args.keep, cfg_scale=args.cfg,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    images_grid_png(images, args.out, ncol=min(args.num, 8), scale=1 if args.num > 1 else 2)
+    print(f"{args.prompt!r} -> {args.num} MergeAR image(s) of {images.shape[-1]}x{images.shape[-2]}, keep "
+          f"{sample.keep} of {sample.source.shape[1]} tokens (cfg {args.cfg}, seed {args.seed}) -> {args.out}")
+    return 0
+
+
 def _generate(args) -> int:
     from fastvq.eval.mllm import generate_images, images_grid_png
+    from fastvq.models.mergear import is_mergear_checkpoint
     from fastvq.train.mllm import load_mllm
     if not args.prompt.strip():
         raise ValueError("fastvq generate: the prompt is empty; give a description, e.g. \"a photo of a sneaker.\" "
                          "(unconditional samples: any prompt with --cfg 0)")
     if args.num < 1:
         raise ValueError(f"fastvq generate: --num must be >= 1, got {args.num}")
+    if is_mergear_checkpoint(args.checkpoint):
+        return _generate_mergear(args)
+    if args.keep is not None and Path(args.checkpoint).exists():
+        raise ValueError(f"fastvq generate: --keep applies to MergeAR checkpoints only; {args.checkpoint} is not one "
+                         "(an MLLM generates every token position: no keep count)")
     mllm, tok = load_mllm(args.checkpoint, ema=not args.no_ema)
     images = generate_images(mllm, tok, [args.prompt] * args.num, cfg_scale=args.cfg, seed=args.seed,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -304,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pipeline":
             from fastvq.train.pipeline import run_pipeline
             run_pipeline(args.out, steps=args.steps, presets=args.presets.split(",") if args.presets else None,
-                         fid_n=args.fid_n, bench=not args.no_bench, mllm_steps=args.mllm_steps)
+                         fid_n=args.fid_n, bench=not args.no_bench, mllm_steps=args.mllm_steps,
+                         mergear_steps=args.mergear_steps)
             return 0
         if args.command == "presets":
             import fastvq.models as models

@@ -50,7 +50,8 @@ from fastvq.nn import first_occurrence, merge_causal_mask
 
 __all__ = ["MergeARConfig", "MergeAR", "MergeARSample", "tokenizer_fingerprint", "canonical_source",
            "encode_for_mergear", "sample_batch", "train_mergear", "generate_images", "is_mergear_checkpoint",
-           "FASHION_MNIST_CLASSES"]
+           "FASHION_MNIST_CLASSES", "make_optimizer", "train_step", "MergeARTrainConfig", "MergeARTrainer",
+           "MERGEAR_RESUME_MUTABLE", "resolve_mergear_checkpoint"]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle boot")
@@ -66,12 +67,13 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def is_mergear_checkpoint(directory: str | Path) -> bool:
-    """True when ``directory/config.json`` is a :meth:`MergeAR.save_pretrained` config (``"model": "mergear"``):
+    """True when ``directory`` holds a MergeAR (:func:`resolve_mergear_checkpoint`: a :meth:`MergeAR.save_pretrained`
+    directory, or a ``fastvq train mergear`` run / checkpoint whose ``config.json`` says ``"model": "mergear"``):
     how a command line tells a MergeAR checkpoint from another model's."""
-    path = Path(directory) / CONFIG_NAME
     try:
-        return path.is_file() and json.loads(path.read_text()).get("model") == MODEL_NAME
-    except (ValueError, AttributeError):
+        resolve_mergear_checkpoint(directory)
+        return True
+    except Exception:  # noqa: BLE001 -- any unreadable or foreign directory is "not a MergeAR checkpoint"
         return False
 
 
@@ -641,7 +643,7 @@ def generate_images(directory: str | Path, prompts, keep: int | None = None, *, 
     :meth:`MergeAR.generate` (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``generator``). Returns the
     images and the sample."""
     from fastvq.models.tokenizer import from_pretrained
-    directory = Path(directory)
+    directory = resolve_mergear_checkpoint(directory)
     model = MergeAR.from_pretrained(directory).eval()
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tok_dir = Path(tokenizer) if tokenizer is not None else directory / "tokenizer"
@@ -722,34 +724,49 @@ def sample_batch(model: MergeAR, data: dict[str, Any], batch_size: int, generato
     return data["codes"][idx, col], data["source"][idx, col], keep, data["labels"][idx]
 
 
+def make_optimizer(model: MergeAR, lr: float = 1e-3, weight_decay: float = 0.05) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with ``weight_decay`` on the >= 2-D weights that are not embeddings."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def train_step(model: MergeAR, opt: torch.optim.Optimizer, data: dict[str, Any], step: int, generator: torch.Generator,
+               batch_size: int = 32, lr: float = 1e-3, warmup: int = 20, grad_clip: float = 1.0) -> dict[str, float]:
+    """Optimizer step ``step`` (0-based): lr ``lr · min(1, (step + 1) / warmup)``, a :func:`sample_batch` batch and
+    the CFG label dropout both drawn from ``generator`` (the only randomness: a run is a function of its seed,
+    and resuming needs only the generator's state), gradient clip ``grad_clip``. Returns the batch's terms."""
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+    codes, source, keep, labels = sample_batch(model, data, batch_size, generator)
+    out = model(codes, source, keep, labels, generator=generator)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
 def train_mergear(model: MergeAR, data: dict[str, Any], *, steps: int | None = None, seconds: float | None = None,
                   batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 20,
                   seed: int = 0, log_every: int = 50, log=print) -> list[dict[str, float]]:
-    """Train ``model`` on ``data`` (``encode_for_mergear``'s dict) with AdamW (betas 0.9, 0.95, gradient clip 1.0,
-    linear warmup over ``warmup`` steps, then constant ``lr``) for ``steps`` steps or ``seconds`` of wall clock,
-    whichever comes first (at least one given). Returns the per-step log (``loss``, ``slot_loss``, ``code_loss``,
-    accuracies, ``time``)."""
+    """Train ``model`` on ``data`` (``encode_for_mergear``'s dict) with AdamW (:func:`make_optimizer`, gradient clip
+    1.0, linear warmup over ``warmup`` steps, then constant ``lr``; :func:`train_step`) for ``steps`` steps or
+    ``seconds`` of wall clock, whichever comes first (at least one given). Returns the per-step log (``loss``,
+    ``slot_loss``, ``code_loss``, accuracies, ``time``). No checkpoints: :class:`MergeARTrainer` (``fastvq train
+    mergear``) runs the same steps with atomic checkpoints and exact resume."""
     if steps is None and seconds is None:
         raise ValueError("train_mergear: give steps or seconds")
     _check_data(model, data)
     g = torch.Generator().manual_seed(seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, lr, weight_decay)
     model.train()
     history, t0, step = [], time.perf_counter(), 0
     while (steps is None or step < steps) and (seconds is None or time.perf_counter() - t0 < seconds):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
-        codes, source, keep, labels = sample_batch(model, data, batch_size, g)
-        out = model(codes, source, keep, labels, generator=g)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        rec = train_step(model, opt, data, step, g, batch_size, lr, warmup)
         step += 1
-        rec = {k: float(v.detach()) for k, v in out.items()}
         rec.update(step=step, time=time.perf_counter() - t0)
         history.append(rec)
         if log is not None and log_every and step % log_every == 0:
@@ -758,3 +775,250 @@ def train_mergear(model: MergeAR, data: dict[str, Any], *, steps: int | None = N
                 f"open acc {rec['open_accuracy']:.3f}, {rec['time']:.0f} s")
     model.eval()
     return history
+
+
+# ---- the training command (fastvq train mergear) -----------------------------------------------------------------
+
+@dataclass
+class MergeARTrainConfig:
+    """A ``fastvq train mergear`` run; dumped as ``train_config.json`` in every checkpoint.
+
+    ``tokenizer``: the frozen MergeVQ (a run, ``checkpoints/``, ``step-*`` or ``save_pretrained`` directory; its
+    EMA weights when it has them). ``data``: ``name:n`` (a labelled ``fastvq.data`` set and ``n`` fixed items of
+    its train split, ``fixed_subset(n, seed=0)``; 0 or no ``:n``: all), encoded once at every keep candidate.
+    ``model``: :class:`MergeARConfig` overrides (``dim``, ``num_layers``, ...). Optimisation: ``steps`` and
+    ``seconds`` (wall clock of the training steps over the whole run, resumes included; 0: no limit), whichever
+    ends first; ``batch_size``, AdamW ``lr`` / ``weight_decay``, linear ``warmup`` steps then constant, gradient
+    clip ``grad_clip``, ``seed`` (initialisation and the one training generator). ``log_every`` (``metrics.jsonl``),
+    ``ckpt_every`` (0: only the final checkpoint), ``keep_last``, ``out``."""
+
+    tokenizer: str = ""
+    data: str = "fashion_mnist:4000"
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = 1000
+    seconds: float = 0.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 200
+    keep_last: int = 2
+    out: str = "runs/mergear"
+
+    def validate(self) -> None:
+        who = "MergeARTrainConfig"
+        if not self.tokenizer:
+            raise ValueError(f"{who}: tokenizer must name the frozen MergeVQ checkpoint (--tokenizer CKPT)")
+        for name in ("steps", "batch_size", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{who}: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seconds", "warmup", "ckpt_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{who}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"{who}: lr must be > 0, got {self.lr}")
+        self.data_item()
+
+    def data_item(self) -> tuple[str, int]:
+        """``(data set, items)`` from ``data`` (``name`` or ``name:n``)."""
+        name, sep, n = self.data.strip().partition(":")
+        try:
+            count = int(n) if sep else 0
+        except ValueError:
+            raise ValueError(f"MergeARTrainConfig: data must be name or name:n (n an int), got {self.data!r}") from None
+        if not name or count < 0 or "," in self.data:
+            raise ValueError(f"MergeARTrainConfig: data must be one labelled set, name or name:n with n >= 0, got "
+                             f"{self.data!r}")
+        return name.strip(), count
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MergeARTrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"MergeARTrainConfig.from_dict: unknown fields {unknown}")
+        return cls(**data)
+
+
+# what a resumed run may change (how long it runs and what it writes, not what it computes)
+MERGEAR_RESUME_MUTABLE = frozenset({"steps", "seconds", "out", "log_every", "ckpt_every", "keep_last", "tokenizer"})
+
+
+def resolve_mergear_checkpoint(path: str | Path) -> Path:
+    """The directory holding a MergeAR's ``config.json`` that ``path`` names: a :meth:`MergeAR.save_pretrained`
+    directory, or a ``fastvq train mergear`` run, its ``checkpoints/`` or one ``step-*`` checkpoint (verified
+    against its manifest; the latest one). ``ValueError`` when it holds no MergeAR."""
+    from fastvq.train.checkpoint import resolve_checkpoint
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"resolve_mergear_checkpoint: {path} does not exist")
+    if (path / CONFIG_NAME).is_file() and not (path / "manifest.json").is_file():
+        ckpt = path
+    else:
+        ckpt = resolve_checkpoint(path)
+    try:
+        model = json.loads((ckpt / CONFIG_NAME).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        model = None
+    if model != MODEL_NAME:
+        raise ValueError(f"resolve_mergear_checkpoint: {ckpt} holds no MergeAR (config.json model {model!r})")
+    return ckpt
+
+
+class MergeARTrainer:
+    """``MergeARTrainer(MergeARTrainConfig(tokenizer=..., ...), resume=None).train()`` (``fastvq train mergear``):
+    the frozen tokenizer, its tokens of the data at every keep candidate (:func:`encode_for_mergear`, once), a
+    :class:`MergeAR` built for it (``torch.manual_seed(seed)``), and :func:`train_step` to ``steps`` steps or
+    ``seconds`` of training wall clock, logging to ``out/metrics.jsonl``.
+
+    Checkpoints (``out/checkpoints/step-NNNNNN``, :func:`fastvq.train.checkpoint.write_checkpoint`: atomic, a
+    sha256 manifest, ``latest``): :meth:`MergeAR.save_pretrained`'s ``config.json`` + ``model.safetensors`` and
+    ``tokenizer/`` (so the checkpoint alone generates: ``fastvq generate CKPT``), ``train_config.json``,
+    ``state.json`` (step, training seconds so far, optimizer groups), ``optim.safetensors`` (AdamW moments),
+    ``rng.safetensors`` (the training generator: batches and label dropout draw from it alone). ``resume``
+    (``"auto"``: the latest checkpoint of ``out``; or a run / checkpoint path) restores all of it, so a resumed
+    run is bit-identical to an uninterrupted one from that checkpoint on (``python_tests/test_mergear_cli.py``)."""
+
+    def __init__(self, config: MergeARTrainConfig, resume: str | None = None, log=print):
+        from fastvq.train.checkpoint import LATEST, resolve_checkpoint
+        from fastvq.train.config import resume_mismatches
+        from fastvq.train.trainer import TrainingError, load_checkpoint_model
+        config.validate()
+        self.cfg, self.log = config, log
+        self.out = Path(config.out)
+        self.ckpt_root = self.out / "checkpoints"
+        resume_dir = None
+        if resume is not None:
+            target = self.out if resume == "auto" else Path(resume)
+            resume_dir = resolve_checkpoint(target)
+            saved = MergeARTrainConfig.from_dict(json.loads((resume_dir / "train_config.json").read_text()))
+            diff = resume_mismatches(saved, config, MERGEAR_RESUME_MUTABLE)
+            if diff:
+                raise TrainingError(f"fastvq train mergear --resume: {resume_dir} was trained with another "
+                                    f"configuration: {'; '.join(diff)}. Only {sorted(MERGEAR_RESUME_MUTABLE)} may "
+                                    "change; or start a new run with another --out")
+        elif (self.ckpt_root / LATEST).exists():
+            raise TrainingError(f"fastvq train mergear: {self.out} already holds checkpoints; pass --resume to "
+                                "continue that run, or another --out")
+        tok_path = resume_dir / "tokenizer" if resume_dir is not None else Path(config.tokenizer)
+        if not tok_path.exists():
+            raise FileNotFoundError(f"fastvq train mergear: tokenizer checkpoint {tok_path} does not exist")
+        self.tokenizer = load_checkpoint_model(tok_path, ema=True).eval()
+        for p in self.tokenizer.parameters():
+            p.requires_grad_(False)
+        if getattr(self.tokenizer, "model_name", None) != "mergevq":
+            raise ValueError(f"fastvq train mergear: --tokenizer {config.tokenizer} is a "
+                             f"{getattr(self.tokenizer, 'model_name', '?')} tokenizer; MergeAR needs a MergeVQ")
+        from fastvq.data import load_dataset
+        name, n = config.data_item()
+        size = self.tokenizer.config.image_size
+        ds = load_dataset(name, "train", channels=self.tokenizer.config.in_channels, image_size=size)
+        if not ds.class_names or (ds.labels < 0).any():
+            raise ValueError(f"fastvq train mergear: data {name!r} has no class labels (MergeAR is class-conditional:"
+                             " fashion_mnist, tuxpaint)")
+        pos = ds.fixed_subset(n, seed=0) if 0 < n < len(ds) else list(range(len(ds)))
+        t0 = time.perf_counter()
+        self.data = encode_for_mergear(self.tokenizer, ds.images(pos) * 2 - 1, ds.labels[pos])
+        self.encode_seconds = time.perf_counter() - t0
+        if log is not None:
+            log(f"fastvq train mergear: encoded {len(pos)} {name}/train images at keeps "
+                f"{list(self.data['keep_candidates'])} in {self.encode_seconds:.1f} s")
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
+        overrides.setdefault("num_classes", len(ds.class_names))
+        overrides.setdefault("class_names", tuple(ds.class_names))
+        torch.manual_seed(config.seed)
+        self.model = MergeAR.from_tokenizer(self.tokenizer, **overrides)
+        self.opt = make_optimizer(self.model, config.lr, config.weight_decay)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step, self.seconds = 0, 0.0
+        if resume_dir is not None:
+            self._load(resume_dir)
+
+    def _load(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        from fastvq.train.trainer import TrainingError, _load_optimizer
+        state = json.loads((ckpt / "state.json").read_text())
+        saved = MergeAR.from_pretrained(ckpt)
+        if saved.config != self.model.config:
+            raise TrainingError(f"fastvq train mergear --resume: {ckpt} holds another MergeAR config (or was built "
+                                "for another tokenizer)")
+        self.model.load_state_dict(saved.state_dict())
+        _load_optimizer(self.opt, load_file(str(ckpt / "optim.safetensors")), state["optimizer"], "opt")
+        self.generator.set_state(load_file(str(ckpt / "rng.safetensors"))["generator"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        log = self.out / "metrics.jsonl"
+        if log.is_file():  # drop what the interrupted run logged after this checkpoint
+            from fastvq.train.checkpoint import write_atomic
+            kept = [line for line in log.read_text().splitlines() if line.strip()
+                    and json.loads(line)["step"] <= self.step]
+            write_atomic(log, "".join(line + "\n" for line in kept).encode())
+
+    def save(self) -> Path:
+        """Write the checkpoint of the current step (:func:`~fastvq.train.checkpoint.write_checkpoint`)."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from fastvq.train.checkpoint import write_checkpoint
+        from fastvq.train.trainer import _optimizer_tensors
+        opt_tensors, opt_meta = _optimizer_tensors(self.opt, "opt")
+        state = {"step": self.step, "seconds": self.seconds, "optimizer": opt_meta, "model_class": "MergeAR",
+                 "tokenizer_fingerprint": self.model.config.tokenizer_hash, "encode_seconds": self.encode_seconds}
+        self.out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out))
+        try:
+            self.model.save_pretrained(staging, tokenizer=self.tokenizer)
+
+            def copy(src: Path):
+                def write(p: Path) -> None:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, p)
+                return write
+            writers = {str(p.relative_to(staging)): copy(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+            rng = {"generator": self.generator.get_state()}
+            writers.update({
+                "train_config.json": lambda p: p.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n"),
+                "state.json": lambda p: p.write_text(json.dumps(state, indent=1) + "\n"),
+                "optim.safetensors": lambda p: save_file(opt_tensors, str(p)),
+                "rng.safetensors": lambda p: save_file(rng, str(p)),
+            })
+            return write_checkpoint(self.ckpt_root, self.step, writers, self.cfg.keep_last)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def train(self) -> Path:
+        """Train to ``steps`` (or until ``seconds`` of training), checkpointing every ``ckpt_every`` steps and at
+        the end; returns the final checkpoint directory (what ``fastvq generate`` reads)."""
+        from fastvq.train.checkpoint import clean_partial
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        clean_partial(self.ckpt_root)
+        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.model.train()
+        last = None
+        while self.step < cfg.steps and (not cfg.seconds or self.seconds < cfg.seconds):
+            t0 = time.perf_counter()
+            rec = train_step(self.model, self.opt, self.data, self.step, self.generator, cfg.batch_size, cfg.lr,
+                             cfg.warmup, cfg.grad_clip)
+            self.seconds += time.perf_counter() - t0
+            self.step += 1
+            last = None
+            if self.step % cfg.log_every == 0:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, "seconds": round(self.seconds, 3), **rec}) + "\n")
+                if self.log is not None:
+                    self.log(f"mergear step {self.step}: loss {rec['loss']:.3f} (slot {rec['slot_loss']:.3f}, "
+                             f"code {rec['code_loss']:.3f}), open acc {rec['open_accuracy']:.3f}, "
+                             f"{self.seconds:.0f} s")
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                last = self.save()
+        self.model.eval()
+        return last if last is not None else self.save()
