@@ -142,6 +142,123 @@ def quality(tokenizer_dir: Path, seconds: float, n_train: int, per_class: int, o
     return results
 
 
+def quality_vs_mllm(tokenizer_dir: Path, seconds: float, n_train: int, per_class: int, out: Path) -> list[dict]:
+    """Item 4 of issue 18 against the #17 MLLM: for the same training wall clock (``seconds`` each, run one after
+    the other in this process), MergeAR (``fastvq.models.mergear``, default size: dim 128, 4 layers; keep
+    candidates 25/36/49/64 with the tokenizer's probabilities) and ``mllm-tiny`` (``fastvq.train.mllm``'s
+    ``MLLMTrainer``, text-to-image only, batch 32, class captions of the data set as prompts) generating the
+    *unmerged* MergeVQ tokens: the MLLM's ``VisualCodec`` encodes with ``tok.encode(keep=codec.keep or
+    eval_keep)``, so the tokenizer is handed to it with ``eval_keep = 64`` (the same weights; keep 64 on the 8x8
+    grid merges nothing: ``source == arange(64)``) and it learns and generates all 64 positions' codes. Both on the
+    same ``n_train`` Fashion-MNIST train images (``fixed_subset(n_train, 0)``). Then ``per_class`` images per class
+    prompt ("A photo of a trouser.", ``class_prompt``), CFG 3, temperature 1, top-k/top-p off, seed 0, scored by
+    ``generated_image_accuracy`` and KID (FID-Inception pool3) against ``10 · per_class`` Fashion-MNIST test
+    images; the tokenizer's reconstructions of those test images at keep 36 and 64 are the ceiling."""
+    import os
+
+    from fastvq.data import load_dataset
+    from fastvq.eval import generated_image_accuracy
+    from fastvq.eval.metrics import kid_from_features
+    from fastvq.eval.mllm import generate_images as mllm_generate
+    from fastvq.eval.networks import FIDInceptionV3, extract_features
+    from fastvq.models.mergear import encode_for_mergear, train_mergear
+    from fastvq.train.mllm import MLLMTrainConfig, MLLMTrainer, class_prompt
+    from fastvq.train.trainer import load_checkpoint_model
+
+    torch.manual_seed(0)
+    tok = load_checkpoint_model(tokenizer_dir).eval()
+    size = tok.config.image_size
+    train = load_dataset("fashion_mnist", "train", image_size=size)
+    test = load_dataset("fashion_mnist", "test", image_size=size)
+    labels = torch.arange(10).repeat_interleave(per_class)
+    prompts = [class_prompt(train.class_names[int(c)]) for c in labels]
+    tpos = test.fixed_subset(10 * per_class, seed=1)
+    real = test.images(tpos)
+    inception = FIDInceptionV3()
+    real_f = extract_features(inception, real)
+    results, samples = [], {}
+
+    def score(name, x01, extra, y=labels):
+        x01 = x01.clamp(0, 1).float()
+        acc = generated_image_accuracy(x01, y)
+        kid = kid_from_features(real_f, extract_features(inception, x01))
+        row = dict(name=name, accuracy=acc.value, kid=kid.value, kid_std=kid.details.get("std"), n=len(x01),
+                   load_average=os.getloadavg(), **extra)
+        results.append(row)
+        print(row, flush=True)
+        samples[name] = x01
+        (out / "quality_vs_mllm.json").write_text(json.dumps(results, indent=1, default=float))
+
+    with torch.no_grad():
+        for k in (36, 64):
+            o = tok.encode(real * 2 - 1, keep=k)
+            score(f"tokenizer reconstruction keep {k} (ceiling)", (tok.decode_indices(o.indices, o.extras) + 1) / 2,
+                  dict(keep=k), torch.as_tensor(test.labels[tpos]))
+
+    # MergeAR
+    pos = train.fixed_subset(n_train, seed=0)
+    t = time.perf_counter()
+    data = encode_for_mergear(tok, train.images(pos) * 2 - 1, train.labels[pos])
+    enc_s = time.perf_counter() - t
+    torch.manual_seed(0)
+    model = MergeAR.from_tokenizer(tok)
+    load0 = os.getloadavg()
+    hist = train_mergear(model, data, seconds=seconds, batch_size=32, lr=1e-3, log_every=100)
+    model.save_pretrained(out / "mergear", tokenizer=tok)
+    info = dict(params=sum(p.numel() for p in model.parameters()), steps=len(hist), train_seconds=hist[-1]["time"],
+                final_loss=hist[-1]["loss"], encode_seconds=enc_s, load_average_start=load0,
+                load_average_end=os.getloadavg(), batch_size=32)
+    for k in (36, 64):
+        g = torch.Generator().manual_seed(0)
+        t = time.process_time()
+        sample = model.generate(labels.tolist(), keep=k, cfg_scale=3.0, temperature=1.0, generator=g)
+        gen_s = time.process_time() - t
+        with torch.no_grad():
+            x = (model.decode(tok, sample) + 1) / 2
+        score(f"MergeAR keep {k}", x, dict(keep=k, generation_cpu_s=gen_s, **info))
+
+    # the MLLM on unmerged tokens: the same weights, eval_keep 64
+    tok64_dir = out / "mergevq-keep64"
+    tok.save_pretrained(tok64_dir)
+    cfg_json = json.loads((tok64_dir / "config.json").read_text())
+    cfg_json["config"]["eval_keep"] = L = tok.config.image_size // tok.config.downsample * (
+        tok.config.image_size // tok.config.downsample)
+    (tok64_dir / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+    mcfg = MLLMTrainConfig(tokenizer=str(tok64_dir), preset="mllm-tiny", data=f"fashion_mnist:{n_train}",
+                           t2i_weight=1.0, caption_weight=0.0, qa_weight=0.0, steps=10 ** 6, batch_size=32, lr=1e-3,
+                           warmup_steps=20, log_every=100, ckpt_every=0, out=str(out / "mllm"))
+    t = time.perf_counter()
+    trainer = MLLMTrainer(mcfg, progress=False)
+    enc_s = time.perf_counter() - t
+    assert trainer.codec.keep == 0 and trainer.tokenizer.config.eval_keep == L      # encodes at keep L: unmerged
+    trainer.model.train()
+    load0, t0, losses = os.getloadavg(), time.perf_counter(), []
+    while time.perf_counter() - t0 < seconds:
+        terms = trainer._train_step()
+        trainer.step += 1
+        losses.append(terms["loss"] if terms else float("nan"))
+        if trainer.step % 100 == 0:
+            print(f"mllm step {trainer.step}: loss {losses[-1]:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
+    train_s = time.perf_counter() - t0
+    mllm = trainer.model.eval()
+    info = dict(params=sum(p.numel() for p in mllm.parameters()), steps=trainer.step, train_seconds=train_s,
+                final_loss=losses[-1], encode_seconds=enc_s, load_average_start=load0,
+                load_average_end=os.getloadavg(), batch_size=32, codec=trainer.codec.to_dict())
+    t = time.process_time()
+    x = mllm_generate(mllm, trainer.tokenizer, prompts, cfg_scale=3.0, seed=0, temperature=1.0)
+    score("mllm-tiny, unmerged (keep 64)", x, dict(keep=L, generation_cpu_s=time.process_time() - t, **info))
+    try:
+        from fastvq.eval.mllm import images_grid_png
+        for name, x in samples.items():
+            tag = name.split(" (")[0].replace(" ", "_").replace(",", "")
+            k = min(8, per_class)                                  # one row per class
+            images_grid_png(x.reshape(10, per_class, *x.shape[1:])[:, :k].flatten(0, 1), out / f"{tag}.png", ncol=k,
+                            scale=1)
+    except ImportError:
+        pass
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 4, 1 round (a smoke run)")
@@ -154,6 +271,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quality", type=Path, metavar="TOKENIZER_RUN",
                     help="instead of the speed benchmark: the quality comparison on this trained MergeVQ run")
+    ap.add_argument("--vs-mllm", action="store_true", help="--quality: MergeAR against the #17 MLLM (mllm-tiny, "
+                    "text-to-image only) on unmerged tokens, instead of against an unmerged MergeAR")
     ap.add_argument("--seconds", type=float, default=300, help="--quality: training wall clock per model")
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--per-class", type=int, default=20)
@@ -161,6 +280,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quality is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.vs_mllm:
+            quality_vs_mllm(args.quality, args.seconds, args.n_train, args.per_class, args.out)
+            return
         quality(args.quality, args.seconds, args.n_train, args.per_class, args.out, args.dim, args.layers)
         return
     batch, rounds = (4, 1) if args.quick else (args.batch, args.rounds)
