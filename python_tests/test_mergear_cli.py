@@ -188,3 +188,27 @@ def test_keep_on_an_mllm_checkpoint_is_an_error(tokenizer_dir, tmp_path, capsys)
     # without --keep the MLLM path still generates
     assert cli(["generate", str(tmp_path / "m"), "A photo of a trouser.", "--out", str(tmp_path / "m.png")]) == 0
     assert (tmp_path / "m.png").is_file()
+
+
+def test_pipeline_mergear_stage_and_report(tokenizer_dir, tmp_path):
+    """The main job's MergeAR stage on a micro recipe: checkpoint, sample grids at the two keeps, accuracy rows for
+    the trained and untrained model, KV rows of the compacted cache (<= 2 + K) against the full one (L + 1), and
+    the report section."""
+    import shutil
+
+    from fastvq.train.pipeline import MERGEAR_KEEPS, _mergear_report, _mergear_stage
+    shutil.copytree(tokenizer_dir, tmp_path / "mergevq-tiny")
+    m = _mergear_stage(tmp_path, 2, data="fashion_mnist:32", model=MICRO_DICT)
+    assert m["steps"] == 2 and is_mergear_checkpoint(tmp_path / "mergear")
+    assert [(r["model"], r["keep"]) for r in m["rows"]] == [(t, k) for t in ("untrained", "trained")
+                                                            for k in MERGEAR_KEEPS]
+    for r in m["rows"]:
+        assert r["n"] == 50 and 0 <= r["accuracy"] <= 1
+        assert r["kv_rows"] <= 2 + r["keep"] and r["full_kv_rows"] == 65 and r["kv_bytes"] < r["full_kv_bytes"]
+    assert all(m["greedy_compacted_equals_full_forward"].values())
+    for g in m["grids"]:
+        assert (tmp_path / g["png"]).is_file()
+    md = _mergear_report(m)
+    assert "## MergeAR" in md and f"| trained | {MERGEAR_KEEPS[0]}/64 |" in md and "mergear/samples-keep" in md
+    assert "keep 25: identical" in md
+    assert _mergear_report({"skipped": "x"}).startswith("\n## MergeAR\n\nNot trained: x")

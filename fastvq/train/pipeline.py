@@ -1,7 +1,8 @@
 """The main job (``fastvq pipeline``, ``bash scripts/main.sh``): train the tiny unified tokenizers and the plain
 VQ baseline for the same budget on the embedded default data, evaluate them against their untrained selves, then
 train the tiny MLLM briefly on the UniTok just trained (:func:`mllm_pipeline_config`) and evaluate it against its
-untrained self and the image-free baselines (``fastvq.eval.mllm``), and write ``<out>/report.md``
+untrained self and the image-free baselines (``fastvq.eval.mllm``), train MergeAR briefly on the MergeVQ just
+trained (:func:`mergear_pipeline_config`) and sample it against its untrained self, and write ``<out>/report.md``
 (docs/training.md, "The main job").
 
 Every model gets the same recipe (:func:`pipeline_config`): ``steps`` AdamW steps of 16 Fashion-MNIST images at
@@ -27,7 +28,8 @@ from fastvq.train.config import TrainConfig
 from fastvq.train.evaluate import evaluate_model, loss_curve_png
 
 __all__ = ["PIPELINE_PRESETS", "pipeline_config", "run_pipeline", "measure_speed", "SPEED_PRESETS",
-           "mllm_pipeline_config", "MLLM_TOKENIZER", "DEFAULT_MLLM_STEPS", "MLLM_EVAL"]
+           "mllm_pipeline_config", "MLLM_TOKENIZER", "DEFAULT_MLLM_STEPS", "MLLM_EVAL", "mergear_pipeline_config",
+           "MERGEAR_TOKENIZER", "DEFAULT_MERGEAR_STEPS", "MERGEAR_KEEPS"]
 
 # The tokenizers the main job trains, in report order; a preset that is not registered on this checkout is
 # reported as missing, never substituted.
@@ -50,6 +52,15 @@ DEFAULT_MLLM_STEPS = 800
 MLLM_DATA = "fashion_mnist:8192,emoji:1024,tuxpaint"
 MLLM_EVAL = dict(caption_n=64, qa_n=200, per_class=3, kid_real_n=30, cfg_scale=3.0, cfg_scales=(1.0, 1.5, 3.0, 5.0),
                  baseline_kid=False)
+# The MergeAR stage (docs/mergear.md): a small MergeAR on the tokens of the MergeVQ the job just trained, sampled for
+# a few class prompts at two keep counts, scored by the cached classifier against its untrained initialisation.
+MERGEAR_TOKENIZER = "mergevq-tiny"
+DEFAULT_MERGEAR_STEPS = 120
+MERGEAR_DATA = "fashion_mnist:1000"
+MERGEAR_MODEL = dict(dim=128, num_layers=3, num_heads=4, num_kv_heads=2)
+MERGEAR_KEEPS = (25, 49)
+MERGEAR_PER_CLASS = 5            # generated images per class prompt and keep for the accuracy
+MERGEAR_SHOW = (1, 3, 5, 9)      # the class prompts of the sample grids (trouser, dress, sandal, ankle boot)
 
 
 def pipeline_config(preset: str, out: Path, steps: int) -> TrainConfig:
@@ -115,6 +126,73 @@ def _mllm_stage(out: Path, steps: int) -> dict:
             "results": results, "captions": captions, "items_per_s": sum(ips) / len(ips),
             "params": sum(p.numel() for p in mllm.parameters()), "text_vocab": mllm.config.text_vocab_size,
             "train_items": {n: len(s["captions"]) for n, s in trainer.train_sets.items()}}
+
+
+def mergear_pipeline_config(out: Path, tokenizer: Path, steps: int, data: str = MERGEAR_DATA,
+                            model: dict | None = None):
+    """The main job's MergeAR recipe (``fastvq.models.mergear.MergeARTrainConfig``); ``data`` / ``model``: other
+    data or ``MergeARConfig`` overrides (the tests' micro run)."""
+    from fastvq.models.mergear import MergeARTrainConfig
+    return MergeARTrainConfig(tokenizer=str(tokenizer), data=data, model=dict(model or MERGEAR_MODEL), steps=steps,
+                              batch_size=32, lr=1e-3, warmup=max(1, steps // 10), log_every=max(1, steps // 15),
+                              ckpt_every=0, out=str(out))
+
+
+def _mergear_stage(out: Path, steps: int, **recipe) -> dict:
+    """Train MergeAR on ``out/mergevq-tiny`` (``MergeARTrainer``, the ``fastvq train mergear`` code), then sample
+    the trained model and its untrained initialisation at :data:`MERGEAR_KEEPS`: generated-image accuracy on the 10
+    class prompts, sample grids for a few prompts, and the KV-cache rows and bytes of the compacted cache against
+    the full-length one. The report's inputs."""
+    from fastvq.eval.classifier import generated_image_accuracy
+    from fastvq.eval.mllm import images_grid_png
+    from fastvq.models.mergear import MergeAR, MergeARTrainer, generate_images
+    from fastvq.train.mllm import class_prompt
+    cfg = mergear_pipeline_config(out / "mergear", out / MERGEAR_TOKENIZER, steps, **recipe)
+    t0 = time.time()
+    trainer = MergeARTrainer(cfg, log=lambda m: print(m, file=sys.stderr))
+    ckpt = trainer.train()
+    train_seconds = time.time() - t0
+    tok = trainer.tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)                          # the initialisation the run started from
+        untrained = MergeAR(trainer.model.config).eval()
+    trained = trainer.model.eval()
+    names = trained.config.class_names
+    labels = torch.arange(10).repeat_interleave(MERGEAR_PER_CLASS)
+    rows, grids = [], []
+    t1 = time.time()
+    for tag, model in (("untrained", untrained), ("trained", trained)):
+        for keep in MERGEAR_KEEPS:
+            g = torch.Generator().manual_seed(0)
+            sample, stats = model.generate(labels.tolist(), keep=keep, cfg_scale=3.0, temperature=1.0, generator=g,
+                                           return_stats=True)
+            with torch.no_grad():
+                x = ((model.decode(tok, sample).clamp(-1, 1) + 1) / 2).float()
+            acc = generated_image_accuracy(x, labels)
+            _, full = model.generate(labels.tolist(), keep=keep, cfg_scale=3.0, temperature=1.0,
+                                     generator=torch.Generator().manual_seed(0), cache="static", return_stats=True)
+            rows.append({"model": tag, "keep": keep, "accuracy": acc.value, "n": acc.n, "kv_rows": stats["kv_rows"],
+                         "kv_bytes": stats["kv_bytes"], "full_kv_rows": full["kv_rows"],
+                         "full_kv_bytes": full["kv_bytes"], "seconds": stats["seconds"],
+                         "full_seconds": full["seconds"], "batch": stats["batch"]})
+            if tag == "trained":
+                pick = torch.cat([torch.nonzero(labels == c)[:4, 0] for c in MERGEAR_SHOW])
+                png = f"mergear/samples-keep{keep}.png"
+                images_grid_png(x[pick], out / png, ncol=4, scale=2)
+                grids.append({"keep": keep, "png": png})
+    # the command-line path on the checkpoint: one prompt, greedy, through generate_images
+    greedy = {}
+    for keep in MERGEAR_KEEPS:
+        _, a = generate_images(ckpt, [class_prompt(names[1])], keep=keep, temperature=0.0)
+        b = trained.generate([1], keep=keep, temperature=0.0, cache="none")
+        greedy[keep] = bool(torch.equal(a.indices, b.indices) and torch.equal(a.source, b.source))
+    log = [json.loads(line) for line in (out / "mergear" / "metrics.jsonl").read_text().splitlines()]
+    return {"config": cfg.to_dict(), "steps": trainer.step, "train_seconds": train_seconds,
+            "train_step_seconds": trainer.seconds, "encode_seconds": trainer.encode_seconds,
+            "sample_seconds": time.time() - t1, "rows": rows, "grids": grids, "checkpoint": str(ckpt),
+            "params": sum(p.numel() for p in trained.parameters()), "final": log[-1] if log else {},
+            "greedy_compacted_equals_full_forward": greedy, "show": [names[c] for c in MERGEAR_SHOW],
+            "model": trained.config.to_dict()}
 
 
 def _machine() -> dict:
@@ -190,10 +268,12 @@ def _fmt(v, digits=3) -> str:
 
 
 def run_pipeline(out: str | Path = "runs/main", steps: int | None = None, presets: list[str] | None = None,
-                 fid_n: int | None = None, bench: bool = True, mllm_steps: int | None = None) -> Path:
+                 fid_n: int | None = None, bench: bool = True, mllm_steps: int | None = None,
+                 mergear_steps: int | None = None) -> Path:
     """Train, evaluate and report; returns the path of ``report.md``. ``mllm_steps`` (default
     :data:`DEFAULT_MLLM_STEPS`; 0: no MLLM stage): the MLLM's optimizer steps, on :data:`MLLM_TOKENIZER` when it
-    was trained."""
+    was trained. ``mergear_steps`` (default :data:`DEFAULT_MERGEAR_STEPS`; 0: no MergeAR stage): MergeAR's, on
+    :data:`MERGEAR_TOKENIZER` when it was trained."""
     import fastvq.models as models
     from fastvq.train.trainer import Trainer, load_checkpoint_model
     out = Path(out)
@@ -235,15 +315,24 @@ def run_pipeline(out: str | Path = "runs/main", steps: int | None = None, preset
         timings["mllm-tiny (train + eval)"] = time.time() - t0
     elif mllm_steps > 0:
         mllm = {"skipped": f"{MLLM_TOKENIZER} was not trained in this run (presets {available})"}
+    mergear_steps = DEFAULT_MERGEAR_STEPS if mergear_steps is None else mergear_steps
+    mergear = None
+    if mergear_steps > 0 and MERGEAR_TOKENIZER in available:
+        t0 = time.time()
+        mergear = _mergear_stage(out, mergear_steps)
+        timings["mergear (train + sample)"] = time.time() - t0
+    elif mergear_steps > 0:
+        mergear = {"skipped": f"{MERGEAR_TOKENIZER} was not trained in this run (presets {available})"}
     speed = [measure_speed(p) for p in SPEED_PRESETS if p in models.list_presets()]
     bench_md = _bench_table(out) if bench else "(skipped: --no-bench)\n"
     total = time.time() - t_start
     (out / "results.json").write_text(json.dumps({"machine": _machine(), "rows": rows, "speed": speed,
                                                   "train_seconds": timings, "total_seconds": total,
-                                                  "missing": missing, "mllm": mllm}, indent=1, default=float) + "\n")
+                                                  "missing": missing, "mllm": mllm, "mergear": mergear},
+                                                 indent=1, default=float) + "\n")
     path = out / "report.md"
     path.write_text(_report(rows, speed, timings, total, missing, steps, fid_n, figures, available, bench_md)
-                    + _mllm_report(mllm))
+                    + _mllm_report(mllm) + _mergear_report(mergear))
     print(f"fastvq pipeline: wrote {path} ({total:.0f} s)", file=sys.stderr)
     return path
 
@@ -364,4 +453,46 @@ def _mllm_report(mllm: dict | None) -> str:
     if qa:
         lines += ["QA samples (trained): " + "; ".join(f"{s['answer']} → {s['prediction']}" for s in qa), ""]
     lines += ["![mllm loss](mllm/loss_curve.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _mergear_report(m: dict | None) -> str:
+    if m is None:
+        return ""
+    if "skipped" in m:
+        return f"\n## MergeAR\n\nNot trained: {m['skipped']}.\n"
+    c, mc = m["config"], m["model"]
+    final = m["final"]
+    lines = [
+        "", "## MergeAR (MergeVQ tokens with a compacted KV cache, docs/mergear.md)", "",
+        f"Recipe: `fastvq train mergear --tokenizer {Path(c['tokenizer']).name} --data {c['data']} --steps "
+        f"{c['steps']}` with `model.dim={mc['dim']}`, `num_layers={mc['num_layers']}` ({m['params']:,} parameters): "
+        f"batch {c['batch_size']}, AdamW lr {c['lr']}, {c['warmup']} warm-up steps, keep counts drawn per sample from "
+        f"{mc['keep_candidates']} with the tokenizer's probabilities. {m['steps']} steps in "
+        f"{m['train_step_seconds']:.0f} s of training steps (encoding the images at every keep: "
+        f"{m['encode_seconds']:.0f} s; stage total with checkpoint and sampling "
+        f"{m['train_seconds'] + m['sample_seconds']:.0f} s). Last logged step {final.get('step')}: loss "
+        f"{_fmt(final.get('loss'))} (slot {_fmt(final.get('slot_loss'))} + code {_fmt(final.get('code_loss'))}), "
+        f"open/repeat accuracy {_fmt(final.get('open_accuracy'))}.", "",
+        f"Generated-image accuracy (the cached Fashion-MNIST classifier) of {m['rows'][0]['n']} images "
+        f"({MERGEAR_PER_CLASS} per class prompt, CFG 3, temperature 1, seed 0) and the KV cache of that batch "
+        f"({m['rows'][0]['batch']} sequences with CFG): rows per sequence and bytes of the compacted cache "
+        "(`CompressedKVCache`, first occurrences only) against LlamaGen's full-length cache under the merge mask "
+        f"(same model, same draws). Chance is 0.1.", "",
+        "| model | keep | accuracy | KV rows / seq. (compacted / full) | KV bytes (compacted / full) | "
+        "generation s (compacted / full) |", "|---|---|---|---|---|---|",
+    ]
+    for r in m["rows"]:
+        lines.append(f"| {r['model']} | {r['keep']}/64 | {r['accuracy']:.3f} | {r['kv_rows']} / {r['full_kv_rows']} | "
+                     f"{r['kv_bytes'] / 1e6:.2f} / {r['full_kv_bytes'] / 1e6:.2f} MB | {r['seconds']:.2f} / "
+                     f"{r['full_seconds']:.2f} |")
+    eq = ", ".join(f"keep {k}: {'identical' if v else 'DIFFERENT'}" for k, v in
+                   m["greedy_compacted_equals_full_forward"].items())
+    lines += ["", f"Greedy `fastvq generate {Path(m['checkpoint']).parent.parent.name} \"A photo of a trouser.\" "
+              f"--keep K` (compacted cache) against the full forward under `merge_causal_mask`: {eq} tokens and "
+              "source maps.", "",
+              f"**Samples of the trained MergeAR** (rows: {', '.join(m['show'])}; CFG 3, seed 0)", "",
+              "| " + " | ".join(f"keep {g['keep']}/64" for g in m["grids"]) + " |",
+              "|" + "---|" * len(m["grids"]),
+              "| " + " | ".join(f"![keep {g['keep']}]({g['png']})" for g in m["grids"]) + " |", ""]
     return "\n".join(lines) + "\n"
