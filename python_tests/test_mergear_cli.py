@@ -109,8 +109,8 @@ def test_resume_is_bit_identical(tokenizer_dir, tmp_path):
     b.train()
     assert (tmp_path / "b/checkpoints/step-000005").is_dir()
     # "killed" after step 5's log line but resumed from step 4's checkpoint: the log is cut back to step 4
-    c = MergeARTrainer(config(tokenizer_dir, tmp_path / "b", steps=6), resume=str(tmp_path / "b/checkpoints/step-000004"),
-                       log=None)
+    c = MergeARTrainer(config(tokenizer_dir, tmp_path / "b", steps=6),
+                       resume=str(tmp_path / "b/checkpoints/step-000004"), log=None)
     assert c.step == 4
     final_c = c.train()
     assert final_a.name == final_c.name == "step-000006"
@@ -125,7 +125,8 @@ def test_resume_is_bit_identical(tokenizer_dir, tmp_path):
     assert strip(la) == strip(lc) and len(la) == 6
     # and a model trained differently differs (the comparison can fail)
     d = MergeARTrainer(config(tokenizer_dir, tmp_path / "d", seed=1), log=None)
-    assert not torch.equal(weights_and_optimizer(d.train())["model.safetensors:pos_embed"], sa["model.safetensors:pos_embed"])
+    key = "model.safetensors:pos_embed"
+    assert not torch.equal(weights_and_optimizer(d.train())[key], sa[key])
 
 
 def test_resume_auto_and_the_run_errors(tokenizer_dir, tmp_path):
