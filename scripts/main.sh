@@ -7,7 +7,7 @@
 # (metrics, reconstructions, generated images, captions, MergeAR samples, loss curves, op speed). docs/training.md.
 #   FASTVQ_STEPS=N        optimizer steps per tokenizer (default 100)   extra arguments go to `fastvq pipeline`
 #   FASTVQ_MLLM_STEPS=N   optimizer steps of the MLLM (default 800; 0: no MLLM stage)
-#   FASTVQ_MERGEAR_STEPS=N optimizer steps of MergeAR (default 120; 0: no MergeAR stage)
+#   FASTVQ_MERGEAR_STEPS=N optimizer steps of MergeAR (default 250; 0: no MergeAR stage)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FASTVQ_DATA=1 bash scripts/install.sh

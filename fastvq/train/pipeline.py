@@ -55,7 +55,7 @@ MLLM_EVAL = dict(caption_n=64, qa_n=200, per_class=3, kid_real_n=30, cfg_scale=3
 # The MergeAR stage (docs/mergear.md): a small MergeAR on the tokens of the MergeVQ the job just trained, sampled for
 # a few class prompts at two keep counts, scored by the cached classifier against its untrained initialisation.
 MERGEAR_TOKENIZER = "mergevq-tiny"
-DEFAULT_MERGEAR_STEPS = 120
+DEFAULT_MERGEAR_STEPS = 250
 MERGEAR_DATA = "fashion_mnist:1000"
 MERGEAR_MODEL = dict(dim=128, num_layers=3, num_heads=4, num_kv_heads=2)
 MERGEAR_KEEPS = (25, 49)
