@@ -1011,7 +1011,7 @@ class MergeARTrainer:
             self.seconds += time.perf_counter() - t0
             self.step += 1
             last = None
-            if self.step % cfg.log_every == 0:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": self.step, "seconds": round(self.seconds, 3), **rec}) + "\n")
                 if self.log is not None:
