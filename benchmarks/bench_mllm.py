@@ -1,12 +1,19 @@
 """MLLM image generation speed: fastvq's cached decode vs a LlamaGen-style full-length cache vs Hugging Face
 ``generate`` (docs/mllm.md "Speed", docs/benchmarks.md). Not a test.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_mllm.py [--repeats 2] [--batch 8] [--grid 16] [--quick]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_mllm.py [--batch 8,32] [--grid 16,32] [--part pab]
+        [--hf dynamic,static] [--codecs mcq,bits] [--repeats N] [--quick]
 
-The model is the ``mllm-small`` preset (dim 512, 8 layers, 8 heads / 4 kv-heads, SwiGLU 1,376), random weights, a
-batch of ``--batch`` prompts of ragged lengths doubled for CFG (scale 3), ``L = grid²`` image positions, the same
-sampler (temperature 1, top-k 0, one seeded ``torch.Generator``) everywhere, so that every way generates the same
-tokens (checked).
+The model is the ``mllm-small`` preset (dim 512, 8 layers, 8 heads / 4 kv-heads, SwiGLU 1,376), random weights, fp32,
+for every ``--batch`` B (prompts of ragged lengths, doubled to 2B rows for CFG scale 3) and every ``--grid`` side
+(``L = grid²`` image positions; 32 is LlamaGen's 512-px setting), the same sampler (temperature 1, top-k 0, one
+seeded ``torch.Generator``) everywhere, so that every way generates the same tokens (checked). Timed rounds run the
+ways interleaved after a discarded warm-up round; medians. ``--quick``: one timed round, and no warm-up round at
+L > 256 (a run there takes minutes; one-off costs are far below 1%). The full default grid takes over an hour on
+one loaded core; the documented runs are listed in docs/benchmarks.md.
+
+Part P (profile): where one backbone step's time goes (``torch.profiler``; weight GEMMs, the attention op, the rest)
+at the mean context of a generation, fastvq vs static, and the ceiling of their ratio if fastvq's attention were free.
 
 Part A, the three ways on one backbone: the codec is one codebook of 4,096 codes embedded by one table and predicted
 by one linear head (``depth_layers=0``; a LlamaGen-shaped model), so that a ``transformers.LlamaForCausalLM`` holds
@@ -18,7 +25,9 @@ same generator and returns a one-hot score row for both halves, which ``generate
 * ``fastvq``: ``MLLM.generate_images(cache="fastvq")``: prefill + ``Decoder.step`` over ``CompressedKVCache``
   (``decode_step``: attention over each sequence's valid prefix, in-place append);
 * ``static``: the same loop over ``StaticKVCache`` (LlamaGen: preallocated, SDPA under a mask over all rows);
-* ``hf``: ``LlamaForCausalLM.generate`` (SDPA attention, ``DynamicCache``).
+* ``hf``: ``LlamaForCausalLM.generate`` (SDPA attention, ``DynamicCache``);
+* ``hf-static``: the same with ``cache_implementation="static"`` (HF's preallocated ``StaticCache``); the faster of
+  the two HF ways is the HF baseline.
 
 Part B, the full MLLM with its depth head (3 Llama layers over the sub-codes), for the UniTok-style MCQ codec
 (8 × 4,096, "mcq" adapter) and MergeVQ's factorised LFQ codes (6 + 12 bits, "bits" adapter): fastvq vs static,
@@ -229,11 +238,13 @@ def part_p(tt, B, L_side, steps=6, rounds=3, P=12):
             if way not in out or total < out[way][0]:
                 out[way] = (total, mm, attn)
     print(f"\nProfile B={B} ({rows} rows), L={L}, cache at {ctx} rows (static: {P + L}), load {os.getloadavg()[0]:.1f}")
-    print(f"{'way':7s} {'ms/step':>8s} {'mm ms':>7s} {'mm %':>5s} {'attn ms':>8s} {'attn %':>6s} {'attn ms/layer':>13s}")
+    print(f"{'way':7s} {'ms/step':>8s} {'mm ms':>7s} {'mm %':>5s} {'attn ms':>8s} {'attn %':>6s} "
+          f"{'attn ms/layer':>13s}")
     for way, (t, mm, a) in out.items():
         print(f"{way:7s} {t:8.2f} {mm:7.2f} {mm / t:5.0%} {a:8.2f} {a / t:6.0%} {a / dec.config.num_layers:13.3f}")
     f, st = out["fastvq"], out["static"]
-    print(f"step ratio static/fastvq {st[0] / f[0]:.2f}x; ceiling with free fastvq attention {st[0] / (f[0] - f[2]):.2f}x")
+    print(f"step ratio static/fastvq {st[0] / f[0]:.2f}x; "
+          f"ceiling with free fastvq attention {st[0] / (f[0] - f[2]):.2f}x")
 
 
 def main():
