@@ -253,6 +253,23 @@ class Decoder(nn.Module):
         self.config = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # rotary tables of every position < max_seq_len (fp32, the values rope_cos_sin gives), gathered by
+        # Decoder.step instead of recomputed at every step; non-persistent (not in the state dict)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._build_rope(None)
+
+    def _build_rope(self, device) -> None:
+        cfg = self.config
+        pos = torch.arange(cfg.max_seq_len, device=device)
+        self.rope_cos, self.rope_sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would round the tables; rebuild them in fp32 on the new device instead (the step
+        # casts the gathered rows to the activations' dtype, as rope_cos_sin(..., dtype) does)
+        super()._apply(fn, recurse)
+        self._build_rope(self.rope_cos.device)
+        return self
 
     def _check(self, h: Tensor, positions: Tensor, who: str) -> None:
         if h.dim() != 3 or h.shape[-1] != self.config.dim:
@@ -279,13 +296,22 @@ class Decoder(nn.Module):
             h = h + blk.feed_forward(blk.ffn_norm(h))
         return self.norm(h)
 
-    def step(self, h: Tensor, positions: Tensor, cache, keep: Tensor | None = None) -> Tensor:
+    def step(self, h: Tensor, positions: Tensor, cache, keep: Tensor | None = None, *, check: bool = True) -> Tensor:
         """One decode step: ``h [B, dim]`` at ``positions [B]`` attends to the cache and itself; its keys and values
-        stay in the cache where ``keep [B]`` (default all). Returns the normed hidden state ``[B, dim]``."""
-        self._check(h[:, None], positions[:, None], "step")
+        stay in the cache where ``keep [B]`` (default all). Returns the normed hidden state ``[B, dim]``.
+        ``check=False`` skips the data-dependent check ``0 <= positions < max_seq_len`` (a host sync per step):
+        for loops that checked their position range once (the shape checks stay)."""
+        if check:
+            self._check(h[:, None], positions[:, None], "step")
+            if positions.numel() and int(positions.min()) < 0:
+                raise ValueError(f"Decoder.step: positions must be >= 0, got {int(positions.min())}")
+        elif h.dim() != 2 or positions.shape != h.shape[:1]:
+            raise ValueError(f"Decoder.step: h must be [B, dim] and positions [B], got {list(h.shape)} and "
+                             f"{list(positions.shape)}")
         if keep is None:
             keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        cos, sin = rope_cos_sin(positions[:, None], self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos = self.rope_cos[positions][:, None].to(h.dtype)                  # [B, 1, head_dim]
+        sin = self.rope_sin[positions][:, None].to(h.dtype)
         for i, blk in enumerate(self.layers):
             h = h + blk.attention.step(blk.attention_norm(h), cos, sin, i, cache, keep)
             h = h + blk.feed_forward(blk.ffn_norm(h))

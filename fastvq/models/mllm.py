@@ -375,7 +375,8 @@ class McqAdapter(nn.Module):
         a = self.proj.attn
         shape = (batch_size, a.num_heads, length, a.head_dim)
         return {"k": torch.empty(shape, dtype=dtype, device=device),
-                "v": torch.empty(shape, dtype=dtype, device=device), "n": 0}
+                "v": torch.empty(shape, dtype=dtype, device=device), "n": 0,
+                "qkv_bias": torch.cat((a.q_bias, torch.zeros_like(a.q_bias), a.v_bias))}
 
     def step(self, codes: Tensor, state: dict[str, Any]) -> Tensor:
         """``codes [B, G]`` of the next position -> its embedding ``[B, dim]``; equals ``forward`` on all positions
@@ -383,7 +384,9 @@ class McqAdapter(nn.Module):
         p, a = self.proj, self.proj.attn
         x = self.embed_codes(codes)[:, None]                               # [B, 1, width]
         B, n = x.shape[0], state["n"]
-        bias = torch.cat((a.q_bias, torch.zeros_like(a.q_bias), a.v_bias))
+        bias = state.get("qkv_bias")
+        if bias is None:
+            bias = torch.cat((a.q_bias, torch.zeros_like(a.q_bias), a.v_bias))
         q, k, v = F.linear(p.norm1(x), a.qkv.weight, bias).view(B, 1, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         state["k"][:, :, n:n + 1], state["v"][:, :, n:n + 1] = k, v
         state["n"] = n + 1
@@ -738,14 +741,14 @@ class MLLM(nn.Module):
         x, out_codes = h, []                                             # x: the depth input of step g, [N, dim]
         if depth_cache is not None:
             depth_cache.reset()
-            pos = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+            pos = self._depth_positions(h.shape[0], G, h.device)           # [G, N]: positions g, built once
         else:
             seq = h[:, None]
         for g in range(G):
             if depth.decoder is None:
                 y = x
-            elif depth_cache is not None:
-                y = depth.decoder.step(x, pos + g, depth_cache)
+            elif depth_cache is not None:  # g < G = the depth decoder's max_seq_len: no per-step position check
+                y = depth.decoder.step(x, pos[g], depth_cache, check=False)
             else:
                 y = depth.decoder(seq, torch.arange(g + 1, device=h.device).expand(h.shape[0], -1))[:, -1]
             logits = depth.head_of(g)(y).float()
@@ -755,12 +758,22 @@ class MLLM(nn.Module):
             code = sample_logits(logits, **sampling)                     # [B]
             out_codes.append(code)
             if g + 1 < G:
-                full = code if cfg_scale is None else torch.cat((code, code))
-                e = depth.embed(full + depth.offsets[g])
+                e = depth.embed(code + depth.offsets[g])                 # [B, dim]: both CFG halves share it
+                if cfg_scale is not None:
+                    e = torch.cat((e, e))
                 x = x + e if depth.decoder is None else e
                 if depth_cache is None and depth.decoder is not None:
                     seq = torch.cat((seq, x[:, None]), dim=1)
         return torch.stack(out_codes, dim=-1)
+
+    def _depth_positions(self, N: int, G: int, device) -> Tensor:
+        """``[G, N]`` int64, row g filled with g (the depth decoder's positions), cached per (N, G, device)."""
+        key = (N, G, str(device))
+        cached = getattr(self, "_depth_pos_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.arange(G, device=device)[:, None].expand(G, N).contiguous())
+            self._depth_pos_cache = cached
+        return cached[1]
 
     @torch.inference_mode()
     def generate_images(self, prompts: list[str], cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
@@ -803,7 +816,8 @@ class MLLM(nn.Module):
             if i + 1 == L:
                 break
             e = self.adapter.step(code, state)                             # [B, dim]
-            h = self.decoder.step(torch.cat((e, e)) if use_cfg else e, pos, kv)
+            # positions < len(prompt) + L <= max_seq_len (checked above): no per-step host sync
+            h = self.decoder.step(torch.cat((e, e)) if use_cfg else e, pos, kv, check=False)
             pos = pos + 1
         return codes
 
@@ -840,7 +854,7 @@ class MLLM(nn.Module):
             done |= tok == tk.eos_id
             if bool(done.all()) or t + 1 == max_new_tokens:
                 break
-            h = self.decoder.step(self.text_embed(tok), pos, kv)
+            h = self.decoder.step(self.text_embed(tok), pos, kv, check=False)  # positions checked above
             pos = pos + 1
         return [tk.decode(row) for row in out.cpu()]
 

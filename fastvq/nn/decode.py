@@ -107,20 +107,20 @@ class CompressedKVCache(nn.Module):
         Returns ``[B, Hq, D]`` in the cache dtype."""
         keep = self._check_step("attend", layer, k, v, keep)
         lengths = self.lengths[layer]
-        before = lengths.clone() if layer == 0 else None
+        row = lengths.to(torch.long, copy=True) if layer == 0 else None  # each token's row, before the op
         out = decode_step(q, self.k[layer], self.v[layer], lengths, k, v, keep, scale, bias)
         if layer == 0:
-            self._record(before, keep)
+            self._record(row, keep)
         return out
 
     def append(self, layer: int, k: Tensor, v: Tensor, keep: Tensor) -> None:
         """Append ``k, v [B, Hkv, D]`` to ``layer`` where ``keep [B]`` (:func:`fastvq.ops.kv_append`)."""
         keep = self._check_step("append", layer, k, v, keep)
         lengths = self.lengths[layer]
-        before = lengths.clone() if layer == 0 else None
+        row = lengths.to(torch.long, copy=True) if layer == 0 else None
         kv_append(self.k[layer], self.v[layer], lengths, k, v, keep)
         if layer == 0:
-            self._record(before, keep)
+            self._record(row, keep)
 
     def layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(k_cache, v_cache, lengths)`` of one layer: views for calling the ops directly."""
@@ -170,10 +170,11 @@ class CompressedKVCache(nn.Module):
                              f"{keep.dtype} {list(keep.shape)}")
         return keep.to(self.k.device)
 
-    def _record(self, before: Tensor, keep: Tensor) -> None:
-        idx = before.long().clamp(max=self.capacity - 1).unsqueeze(1)
-        cur = self.positions.gather(1, idx)
-        self.positions.scatter_(1, idx, torch.where(keep.unsqueeze(1), torch.full_like(cur, self.steps), cur))
+    def _record(self, row: Tensor, keep: Tensor) -> None:
+        # row: int64 [B], layer 0's lengths before the step's op (a copy); where keep, positions[b, row[b]] records
+        # this step; clamped, in place, on that private copy
+        idx = row.clamp_(max=self.capacity - 1).unsqueeze_(1)
+        self.positions.scatter_(1, idx, torch.where(keep.unsqueeze(1), self.steps, self.positions.gather(1, idx)))
         self.steps += 1
 
     def extra_repr(self) -> str:
