@@ -37,7 +37,7 @@ from torch import Tensor
 from fastvq.nn import CompressedKVCache
 
 __all__ = ["DecoderConfig", "Decoder", "RMSNorm", "SwiGLU", "StaticKVCache", "rope_cos_sin", "apply_rope",
-           "decoder_from_hf", "new_cache"]
+           "decoder_from_hf", "init_weights", "new_cache"]
 
 
 @dataclass(frozen=True)
@@ -316,6 +316,16 @@ class Decoder(nn.Module):
             h = h + blk.attention.step(blk.attention_norm(h), cos, sin, i, cache, keep)
             h = h + blk.feed_forward(blk.ffn_norm(h))
         return self.norm(h)
+
+
+def init_weights(m: nn.Module) -> None:
+    """GPT-2 / LlamaGen initialisation, for ``model.apply``: linear and embedding weights N(0, 0.02), biases zero."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
 
 
 def new_cache(cfg: DecoderConfig, batch_size: int, rows: int, kind: str = "fastvq", *,

@@ -44,8 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvq.models.llm import Decoder, DecoderConfig, new_cache
-from fastvq.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, config_to_dict
+from fastvq.models.llm import Decoder, DecoderConfig, init_weights, new_cache
+from fastvq.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, config_to_dict, load_weights_strict
 from fastvq.nn import first_occurrence, merge_causal_mask
 
 __all__ = ["MergeARConfig", "MergeAR", "MergeARSample", "tokenizer_fingerprint", "canonical_source",
@@ -231,22 +231,13 @@ class MergeAR(nn.Module):
         self.pointer_k = nn.Linear(d, cfg.pointer_dim, bias=False)
         self.code_heads = nn.ModuleList(nn.Linear(d, 2 ** b) for b in cfg.code_split)
         self.sub_embed = nn.ModuleList(nn.Embedding(2 ** b, d) for b in cfg.code_split[:-1])
-        self.apply(self._init)
+        self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.02)
         shifts, s = [], 0
         for b in cfg.code_split:
             shifts.append(s)
             s += b
         self._shifts = tuple(shifts)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
 
     # ---- construction and identity ------------------------------------------------------------------------------
 
@@ -613,7 +604,6 @@ class MergeAR(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MergeAR:
         """Read what :meth:`save_pretrained` wrote, strictly (a missing, unexpected or reshaped key is a
         ``ValueError`` naming the file)."""
-        from safetensors.torch import load_file
         directory = Path(directory)
         who = "MergeAR.from_pretrained"
         cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -624,15 +614,7 @@ class MergeAR(nn.Module):
         if meta.get("model") != MODEL_NAME:
             raise ValueError(f"{who}: {cfg_path} names model {meta.get('model')!r}, not {MODEL_NAME!r}")
         model = cls(MergeARConfig.from_dict(meta["config"]))
-        state = load_file(str(weights_path), device=str(map_location))
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [k for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{who}: {weights_path} does not match MergeAR: missing keys {missing}, unexpected "
-                             f"{unexpected}, shapes differ at {shapes}")
-        model.load_state_dict(state)
-        return model.to(map_location)
+        return load_weights_strict(model, weights_path, who, map_location)
 
 
 def generate_images(directory: str | Path, prompts, keep: int | None = None, *, tokenizer=None, **kwargs

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvq.models.blocks import AttnProjection
-from fastvq.models.llm import Decoder, DecoderConfig, decoder_from_hf, new_cache
+from fastvq.models.llm import Decoder, DecoderConfig, decoder_from_hf, init_weights, new_cache
 from fastvq.models.text import VOCAB_NAME, TextTokenizer
+from fastvq.models.tokenizer import load_weights_strict
 
 __all__ = ["VisualCodec", "MLLMConfig", "MLLM", "register_mllm_preset", "list_mllm_presets", "CONFIG_NAME",
            "WEIGHTS_NAME"]
@@ -491,16 +492,7 @@ class MLLM(nn.Module):
         self.decoder = Decoder(cfg.decoder_config())
         self.text_head = nn.Linear(cfg.dim, cfg.text_vocab_size, bias=False)
         self.depth = DepthHead(cfg, codec.group_sizes)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+        self.apply(init_weights)
 
     def attach_text_tokenizer(self, tok: TextTokenizer) -> None:
         """Use ``tok`` for ``collate`` / generation; its vocabulary size must be the config's."""
@@ -878,7 +870,6 @@ class MLLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MLLM:
         """Load a :meth:`save_pretrained` directory strictly: a missing / unexpected key or a shape mismatch is a
         ValueError naming the file and the keys; the text tokenizer is loaded when ``text_vocab.json`` exists."""
-        from safetensors.torch import load_file
         directory = Path(directory)
         who = "MLLM.from_pretrained"
         cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -891,13 +882,4 @@ class MLLM(nn.Module):
         config = MLLMConfig.from_dict(meta["config"], f"{who}({cfg_path})")
         tok = TextTokenizer.load(directory) if (directory / VOCAB_NAME).is_file() else None
         model = cls(config, tok)
-        state = load_file(str(weights_path), device=str(map_location))
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}" for k in sorted(set(own) & set(state))
-                  if state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{who}: {weights_path} does not match MLLM: missing keys {missing}, unexpected keys "
-                             f"{unexpected}, shape mismatches {shapes}")
-        model.load_state_dict(state, strict=True)
-        return model.to(map_location)
+        return load_weights_strict(model, weights_path, who, map_location)

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = ["TokenizerOutput", "Tokenizer", "register_preset", "list_presets", "from_preset", "from_pretrained",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "CONFIG_NAME", "WEIGHTS_NAME", "load_weights_strict"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -176,7 +176,6 @@ class Tokenizer(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
         """Build the model that ``config.json`` names and load ``model.safetensors`` into it, strictly: a missing
         or unexpected key, or a shape that differs, is a ``ValueError`` naming the file and the keys."""
-        from safetensors.torch import load_file
         directory = Path(directory)
         who = f"{cls.__name__}.from_pretrained"
         cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -191,17 +190,26 @@ class Tokenizer(nn.Module):
         if not issubclass(model_cls, cls):
             raise ValueError(f"{who}: {cfg_path} holds a {model_cls.__name__}")
         model = model_cls(config_from_dict(model_cls.config_class, meta["config"], f"{who}({cfg_path})"))
-        state = load_file(str(weights_path), device=str(map_location))
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}" for k in sorted(set(own) & set(state))
-                  if state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{who}: {weights_path} does not match {model_cls.__name__}: missing keys {missing}, "
-                             f"unexpected keys {unexpected}, shape mismatches {shapes}")
-        model.load_state_dict(state, strict=True)
-        return model.to(map_location)
+        return load_weights_strict(model, weights_path, who, map_location)
 
+
+
+def load_weights_strict(model: nn.Module, weights_path: str | Path, who: str,
+                        map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load the safetensors file ``weights_path`` into ``model`` strictly and move it to ``map_location``: a
+    missing or unexpected key, or a shape that differs, is a ``ValueError`` from ``who`` naming the file and the
+    keys (never pickle). Shared by every ``from_pretrained`` in fastvq.models."""
+    from safetensors.torch import load_file
+    state = load_file(str(weights_path), device=str(map_location))
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: file {list(state[k].shape)}, model {list(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{who}: {weights_path} does not match {type(model).__name__}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {shapes}")
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location)
 
 def register_preset(name: str, model_cls: type[Tokenizer], config) -> None:
     """Register ``config`` (an instance of ``model_cls.config_class``) under the preset ``name``."""
