@@ -8,6 +8,13 @@ save its results with ``save_rank(tensors: dict)``, defined for it in a prelude:
 
 CPU only (gloo), 2 threads per rank split from the machine's cores, a hard timeout, and the worker's output
 in the assertion message when it fails.
+
+Teardown: once in a few hundred runs, a gloo rank aborted *after* saving its results ("terminate called without an
+active exception", SIGABRT, CI 2026-12-07): a std::thread of the process group destroyed while joinable during
+``destroy_process_group`` or interpreter teardown, a torch/gloo shutdown race, not the code under test. So the
+prelude makes ``destroy_process_group`` a barrier (every rank still reaches it together; nothing is freed), and the
+epilogue, reached only when the body ran to its end, flushes and leaves with ``os._exit(0)``, skipping the
+teardown. An exception in the body still exits non-zero and fails the test.
 """
 from __future__ import annotations
 
@@ -23,7 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 PRELUDE = '''
 import os, torch
+import torch.distributed as _dist
 OUT = os.environ["FASTVQ_DDP_OUT"]
+def _destroy_is_a_barrier(group=None):  # see the module docstring of python_tests/ddp.py
+    if _dist.is_initialized():
+        _dist.barrier()
+_dist.destroy_process_group = _destroy_is_a_barrier
 def save_rank(tensors):
     import torch.distributed as dist
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
@@ -31,10 +43,18 @@ def save_rank(tensors):
 '''
 
 
+EPILOGUE = '''
+import sys as _sys
+_sys.stdout.flush()
+_sys.stderr.flush()
+os._exit(0)  # the body ran to its end and saved its results: skip the teardown (module docstring)
+'''
+
+
 def run_ddp(script: str, tmp_path: Path, nproc: int = 2, timeout: float = 300.0) -> list[dict]:
     tmp_path = Path(tmp_path)
     path = tmp_path / "ddp_body.py"
-    path.write_text(PRELUDE + textwrap.dedent(script))
+    path.write_text(PRELUDE + textwrap.dedent(script) + EPILOGUE)
     env = dict(os.environ)
     env["FASTVQ_DDP_OUT"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
