@@ -45,6 +45,7 @@ import time
 import torch
 
 from fastvq.models import MLLM, MLLMConfig, TextTokenizer, VisualCodec
+from fastvq.models.llm import copy_llama_weights
 from fastvq.models.mllm import _PRESETS, sample_logits
 
 CORPUS = ["a photo of an ankle boot", "a small greyscale image of a t-shirt", "a red heart", "a drawing of a cat",
@@ -71,18 +72,7 @@ def hf_twin(m: MLLM):
                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = transformers.LlamaForCausalLM(hc).eval()
     with torch.no_grad():
-        for blk, h in zip(m.decoder.layers, hf.model.layers):
-            a, f = blk.attention, blk.feed_forward
-            h.self_attn.q_proj.weight.copy_(a.wq.weight)
-            h.self_attn.k_proj.weight.copy_(a.wk.weight)
-            h.self_attn.v_proj.weight.copy_(a.wv.weight)
-            h.self_attn.o_proj.weight.copy_(a.wo.weight)
-            h.mlp.gate_proj.weight.copy_(f.w1.weight)
-            h.mlp.up_proj.weight.copy_(f.w3.weight)
-            h.mlp.down_proj.weight.copy_(f.w2.weight)
-            h.input_layernorm.weight.copy_(blk.attention_norm.weight)
-            h.post_attention_layernorm.weight.copy_(blk.ffn_norm.weight)
-        hf.model.norm.weight.copy_(m.decoder.norm.weight)
+        copy_llama_weights(m.decoder, hf.model, to_hf=True)
         hf.model.embed_tokens.weight.copy_(torch.cat((m.text_embed.weight, m.adapter.embed.weight)))
         hf.lm_head.weight.zero_()
         hf.lm_head.weight[V:] = m.depth.head.weight

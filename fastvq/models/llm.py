@@ -37,7 +37,8 @@ from torch import Tensor
 from fastvq.nn import CompressedKVCache
 
 __all__ = ["DecoderConfig", "Decoder", "RMSNorm", "SwiGLU", "StaticKVCache", "rope_cos_sin", "apply_rope",
-           "decoder_from_hf", "init_weights", "new_cache"]
+           "decoder_from_hf", "copy_llama_weights", "HF_LLAMA_NAMES", "init_weights",
+           "new_cache"]
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,29 @@ def new_cache(cfg: DecoderConfig, batch_size: int, rows: int, kind: str = "fastv
     raise ValueError(f"new_cache: kind must be 'fastvq' or 'static', got {kind!r}")
 
 
+# fastvq Block parameter -> Hugging Face LlamaDecoderLayer parameter (the one place the two namings meet)
+HF_LLAMA_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+@torch.no_grad()
+def copy_llama_weights(dec: Decoder, hf_base: nn.Module, to_hf: bool) -> None:
+    """Copy the block and final-norm weights between ``dec`` and a Hugging Face ``LlamaModel`` ``hf_base`` of the
+    same shape: into ``hf_base`` when ``to_hf``, else into ``dec`` (:data:`HF_LLAMA_NAMES`)."""
+    for blk, layer in zip(dec.layers, hf_base.layers, strict=True):
+        ours, theirs = blk.state_dict(keep_vars=True), layer.state_dict(keep_vars=True)
+        for a, b in HF_LLAMA_NAMES.items():
+            dst, src = (theirs[b], ours[a]) if to_hf else (ours[a], theirs[b])
+            dst.copy_(src)
+    dst, src = (hf_base.norm.weight, dec.norm.weight) if to_hf else (dec.norm.weight, hf_base.norm.weight)
+    dst.copy_(src)
+
+
 def decoder_from_hf(model) -> tuple[Decoder, nn.Module, nn.Module | None]:
     """A Hugging Face ``LlamaForCausalLM`` (or ``LlamaModel``) -> ``(Decoder, embed_tokens, lm_head)`` with its
     weights (copied; HF's rotate-half RoPE is fastvq's). Rope scaling other than none is refused."""
@@ -360,18 +384,7 @@ def decoder_from_hf(model) -> tuple[Decoder, nn.Module, nn.Module | None]:
     base = model.model if hasattr(model, "model") else model
     dec = Decoder(cfg)
     with torch.no_grad():
-        for blk, hf in zip(dec.layers, base.layers):
-            a, m = hf.self_attn, hf.mlp
-            blk.attention.wq.weight.copy_(a.q_proj.weight)
-            blk.attention.wk.weight.copy_(a.k_proj.weight)
-            blk.attention.wv.weight.copy_(a.v_proj.weight)
-            blk.attention.wo.weight.copy_(a.o_proj.weight)
-            blk.feed_forward.w1.weight.copy_(m.gate_proj.weight)
-            blk.feed_forward.w3.weight.copy_(m.up_proj.weight)
-            blk.feed_forward.w2.weight.copy_(m.down_proj.weight)
-            blk.attention_norm.weight.copy_(hf.input_layernorm.weight)
-            blk.ffn_norm.weight.copy_(hf.post_attention_layernorm.weight)
-        dec.norm.weight.copy_(base.norm.weight)
+        copy_llama_weights(dec, base, to_hf=False)
     if getattr(hf_cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"decoder_from_hf: hidden_act {hf_cfg.hidden_act!r} (fastvq's SwiGLU is silu)")
     dec.norm.eps = hf_cfg.rms_norm_eps
